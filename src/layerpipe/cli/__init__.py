@@ -1,0 +1,1 @@
+"""The `layerpipe` command line: one module per subcommand."""

@@ -1,0 +1,1 @@
+"""Execution: the single-process tick engine and the distributed runtime."""

@@ -1,0 +1,161 @@
+"""One pipeline stage: its layers, optimizer and weight strategy; forward, backward, update.
+
+Both engines drive stages through this class: the single-process engine holds all of them,
+the distributed runtime one per process.
+
+Past weights reach the backward pass without swapping parameters in place (autograd's
+version check forbids that, and it is what broke PipeDream on later PyTorch): the forward
+runs on the live parameters inside `torch.autograd.graph.saved_tensors_hooks`; when an
+operation saves a parameter (or a view of one, such as `weight.t()`), the pack hook stores
+only a reference to it, and the unpack hook, called during the backward, hands autograd the
+same view of the tensor the weight strategy chose (the stashed version, the EMA
+reconstruction, or the live weights). Activations are saved as usual. The weight gradient
+itself needs no weights, so it always lands in `param.grad` for the optimizer.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from layerpipe.errors import TrainingDiverged
+from layerpipe.weights import WeightStrategy
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class _ParamRef:
+    """What the pack hook keeps instead of a saved parameter: which one, and which view."""
+
+    index: int
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int  # storage offset relative to the parameter's own
+
+
+@dataclass
+class InFlight:
+    """A microbatch between its forward and its backward on one stage."""
+
+    inputs: Tensor  # leaf; its .grad is what the previous stage receives
+    output: Tensor  # the stage output (the loss on the last stage)
+    version: int  # weight version its forward used
+
+
+class Stage:
+    """Runs one stage's forward, backward and optimizer step for the tick engine."""
+
+    def __init__(
+        self,
+        index: int,
+        module: nn.Module,
+        delay: int,
+        strategy_factory: Callable[[list[Tensor], int, torch.optim.Optimizer | None], WeightStrategy],
+        optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None,
+        *,
+        is_last: bool,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        self.index = index
+        self.module = module
+        self.delay = delay
+        self.is_first = index == 0
+        self.is_last = is_last
+        self.loss_fn = loss_fn
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        # a stage without parameters (say, a lone activation) has nothing to update
+        self.optimizer = optimizer_factory(self.params) if (self.params and optimizer_factory) else None
+        self.strategy = strategy_factory(self.params, delay, self.optimizer)
+        self.inflight: dict[int, InFlight] = {}
+        self.updates = 0
+        self._storage_index = {p.untyped_storage().data_ptr(): i for i, p in enumerate(self.params)}
+        self._backward_weights: list[Tensor] | None = None
+
+    # -- saved-tensor hooks -----------------------------------------------------------------
+    def _pack(self, t: Tensor) -> Any:
+        if t.layout != torch.strided or t.device.type == "meta":
+            return t
+        i = self._storage_index.get(t.untyped_storage().data_ptr())
+        if i is None:
+            return t
+        return _ParamRef(i, t.size(), t.stride(), t.storage_offset() - self.params[i].storage_offset())
+
+    def _unpack(self, packed: Any) -> Tensor:
+        if not isinstance(packed, _ParamRef):
+            return packed
+        if self._backward_weights is None:
+            raise RuntimeError("a saved parameter was read outside this stage's backward")
+        w = self._backward_weights[packed.index]
+        if packed.offset == 0 and w.size() == packed.size and w.stride() == packed.stride:
+            return w
+        return w.as_strided(packed.size, packed.stride, w.storage_offset() + packed.offset)
+
+    # -- the three actions of a tick --------------------------------------------------------
+    def forward(self, mb: int, x: Tensor, target: Tensor | None = None) -> Tensor:
+        """Forward of microbatch `mb` on the current weights. Returns the activation for the
+        next stage (detached) or, on the last stage, the detached loss."""
+        inputs = x.detach()
+        if not self.is_first and inputs.is_floating_point():
+            inputs.requires_grad_(True)
+        version = self.strategy.record_forward()
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            out = self.module(inputs)
+            if self.is_last:
+                assert self.loss_fn is not None and target is not None
+                out = self.loss_fn(out, target)
+        if self.is_last and not torch.isfinite(out.detach()).all():  # host sync on GPU
+            raise TrainingDiverged(f"the loss of microbatch {mb} is {out.item()} (stage {self.index}); training stopped")
+        self.inflight[mb] = InFlight(inputs, out, version)
+        return out.detach()
+
+    def backward(self, mb: int, grad_output: Tensor | None = None) -> Tensor | None:
+        """Backward of microbatch `mb` with the weights the strategy gives. Leaves the weight
+        gradient in `param.grad`; returns the gradient for the previous stage's output."""
+        item = self.inflight.pop(mb)
+        for p in self.params:
+            p.grad = None
+        self._backward_weights = self.strategy.backward_weights(item.version)
+        try:
+            if self.is_last:
+                item.output.backward()
+            elif item.output.requires_grad:
+                item.output.backward(grad_output)
+        finally:
+            self._backward_weights = None
+            self.strategy.release(item.version)
+        return item.inputs.grad if item.inputs.requires_grad else None
+
+    def update(self) -> None:
+        """Apply the gradient of the last backward with the stage's optimizer."""
+        self.strategy.before_update()
+        if self.optimizer is not None:
+            self.optimizer.step()
+        self.strategy.after_update()
+        for p in self.params:
+            p.grad = None
+        self.updates += 1
+
+    # -- reporting and checkpoints ----------------------------------------------------------
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.inflight:
+            raise RuntimeError("a stage can only be checkpointed with no microbatch in flight")
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "strategy": self.strategy.state_dict(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.updates = int(state["updates"])

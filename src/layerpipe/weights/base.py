@@ -1,0 +1,64 @@
+"""The interface every weight strategy implements: which weights the backward pass sees.
+
+A stage's forward always runs on its current weights. Its backward, `d` ticks later, needs
+the weights that forward used; the optimizer has changed them since. A strategy is told
+about every forward (`record_forward` returns a version number), wraps every optimizer
+step (`before_update`, `after_update`) and, when the backward runs, returns one tensor per
+parameter to stand in for the parameters autograd saved (`backward_weights`). It reports
+the bytes it holds for weight history, counted from the tensors it keeps.
+"""
+from __future__ import annotations
+
+from abc import ABC
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+class WeightStrategy(ABC):
+    """Base class: no weight history at all (the backward sees the current weights)."""
+
+    name: ClassVar[str] = "base"
+    #: True when backward weights may differ from forward weights (an approximation)
+    approximate: ClassVar[bool] = True
+
+    def __init__(self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.params = [p.detach() for p in params]  # detached aliases: see in-place updates, no autograd
+        self.delay = delay
+        self.optimizer = optimizer
+        self.version = 0  # number of optimizer steps applied to this stage
+
+    # -- hooks called by the engine ------------------------------------------------------
+    def record_forward(self) -> int:
+        """A forward is about to run on the current weights; return their version number."""
+        return self.version
+
+    def backward_weights(self, version: int) -> list[Tensor]:
+        """Tensors standing in for the parameters in the backward of a forward at `version`."""
+        return self.params
+
+    def release(self, version: int) -> None:
+        """The backward of the forward at `version` is done."""
+
+    def before_update(self) -> None:
+        """Called right before the optimizer steps."""
+
+    def after_update(self) -> None:
+        """Called right after the optimizer stepped."""
+        self.version += 1
+
+    # -- reporting and checkpoints --------------------------------------------------------
+    def history_bytes(self) -> int:
+        """Bytes held for weight history (not counting the live parameters)."""
+        return 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": self.version}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.version = int(state["version"])
+
+    def updates_since(self, version: int) -> int:
+        return self.version - version

@@ -1,0 +1,73 @@
+"""`ema`: the LayerPipe2 reconstruction. Rebuild past weights instead of storing them.
+
+    W_then = W_now - (sum of the n updates applied since that forward) ~= W_now - n * u_hat
+
+u is an exponential moving average of the applied updates dW = W(t+1) - W(t), with a
+pipeline-aware decay tied to the stage's delay, alpha_k = 2 / (d_k + 1) (centre of mass
+(d_k - 1) / 2 updates back: the middle of the window of the last d_k updates), and start-up
+bias correction u_hat = u / (1 - beta^t). n comes from an exact version counter. Memory: one
+buffer per parameter of stages with d_k > 0, so at most |W| whatever the depth. It averages
+applied updates, not gradients, so it works with any optimizer.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layerpipe.weights.base import WeightStrategy
+from layerpipe.weights.flat import FlatBuffer
+
+
+class UpdateEMA(WeightStrategy):
+    """W_then = W_now - n * bias_corrected_EMA(dW), decay from the stage's delay."""
+
+    name = "ema"
+
+    def __init__(self, params, delay, optimizer=None, alpha: float | None = None) -> None:
+        super().__init__(params, delay, optimizer)
+        self.alpha = alpha if alpha is not None else 2.0 / (delay + 1)
+        self.steps = 0  # updates folded into the average, for bias correction
+        # a stage whose backward runs in the tick of its forward (d = 0) never needs history
+        self._avg = FlatBuffer(self.params, zero=True) if delay > 0 else None
+        self._before: list[Tensor] | None = None
+
+    def backward_weights(self, version: int) -> list[Tensor]:
+        n = self.version - version
+        if n == 0 or self._avg is None or self.steps == 0:
+            return self.params
+        correction = 1.0 - (1.0 - self.alpha) ** self.steps
+        # one foreach kernel per dtype group; a transient copy, not history
+        return torch._foreach_add(self.params, self._avg.views, alpha=-n / correction)
+
+    def before_update(self) -> None:
+        if self._avg is not None:
+            # transient copy of W(t); an exact dW avoids the cancellation of folding W(t)
+            # and W(t+1) into the average separately
+            self._before = torch._foreach_mul(self.params, 1.0)
+
+    def after_update(self) -> None:
+        super().after_update()
+        if self._avg is None or self._before is None:
+            return
+        delta = torch._foreach_sub(self.params, self._before)
+        self._before = None
+        torch._foreach_lerp_(self._avg.views, delta, self.alpha)
+        self.steps += 1
+
+    def history_bytes(self) -> int:
+        return self._avg.nbytes if self._avg is not None else 0
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["steps"] = self.steps
+        if self._avg is not None:
+            state["avg"] = [t.clone() for t in self._avg.views]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.steps = int(state["steps"])
+        if self._avg is not None:
+            self._avg.copy_from([t.to(p.device) for t, p in zip(state["avg"], self.params)])

@@ -1,0 +1,70 @@
+"""`stash`: exact weight stashing (PipeDream). Keeps every version an in-flight backward needs.
+
+Copy on update: a version is copied into a flat buffer only when the optimizer is about to
+overwrite weights that a pending backward still needs. With one forward per tick, stage k
+then holds exactly d_k versions in steady state (sum_k d_k |W_k| = (K-1)|W| for equal stages).
+Freed buffers are reused, so steady state allocates nothing.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from torch import Tensor
+
+from layerpipe.weights.base import WeightStrategy
+from layerpipe.weights.flat import FlatBuffer
+
+
+class Stash(WeightStrategy):
+    name = "stash"
+    approximate = False
+
+    def __init__(self, params, delay, optimizer=None) -> None:
+        super().__init__(params, delay, optimizer)
+        self._pending: Counter[int] = Counter()  # version -> backwards still to run
+        self._saved: dict[int, FlatBuffer] = {}
+        self._free: list[FlatBuffer] = []
+
+    def record_forward(self) -> int:
+        self._pending[self.version] += 1
+        return self.version
+
+    def backward_weights(self, version: int) -> list[Tensor]:
+        if version == self.version:
+            return self.params
+        return self._saved[version].views
+
+    def release(self, version: int) -> None:
+        self._pending[version] -= 1
+        if self._pending[version] <= 0:
+            del self._pending[version]
+            buf = self._saved.pop(version, None)
+            if buf is not None:
+                self._free.append(buf)
+
+    def before_update(self) -> None:
+        if self._pending.get(self.version, 0) > 0:
+            buf = self._free.pop() if self._free else FlatBuffer(self.params)
+            buf.copy_from(self.params)
+            self._saved[self.version] = buf
+
+    def history_bytes(self) -> int:
+        return sum(b.nbytes for b in self._saved.values()) + sum(b.nbytes for b in self._free)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "pending": dict(self._pending),
+            "saved": {v: [t.clone() for t in b.views] for v, b in self._saved.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.version = int(state["version"])
+        self._pending = Counter({int(k): int(v) for k, v in state["pending"].items()})
+        self._saved, self._free = {}, []
+        for v, tensors in state["saved"].items():
+            buf = FlatBuffer(self.params)
+            buf.copy_from([t.to(p.device) for t, p in zip(tensors, self.params)])
+            self._saved[int(v)] = buf
+

@@ -1,0 +1,169 @@
+"""The tick engine against independent references: plain PyTorch and hand-written delayed SGD."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerpipe import Pipeline
+from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
+from reference import delayed_sgd, plain_training
+
+
+def make_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)
+    ).to(dtype)
+
+
+def make_batches(n=24, bs=8, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(bs, 6, generator=g, dtype=dtype)
+        out.append((x, (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 0.5).long()))
+    return out
+
+
+SGD_MOMENTUM = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
+ADAM = lambda ps: torch.optim.Adam(ps, lr=0.01)  # noqa: E731
+
+
+def run_pipeline(model, batches, **kw):
+    pipe = Pipeline(model, loss_fn=F.cross_entropy, **kw)
+    losses = {}
+    for x, y in batches:
+        losses.update(pipe.step(x, y).losses)
+    for info in pipe.flush():
+        losses.update(info.losses)
+    return pipe, [losses[m].item() for m in sorted(losses)]
+
+
+@pytest.mark.parametrize("opt", [SGD_MOMENTUM, ADAM], ids=["sgd-momentum", "adam"])
+def test_sync_equals_plain_pytorch_bit_for_bit(opt):
+    model, batches = make_model(), make_batches()
+    reference = copy.deepcopy(model)
+    ref_losses = plain_training(reference, batches, opt, F.cross_entropy)
+    _, losses = run_pipeline(model, batches, stages=[1, 3, 2, 1], weights="sync", optimizer=opt)
+    assert losses == ref_losses
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("weights", ["stash", "ema", "latest", "extrapolate", "weight-ema"])
+def test_one_stage_equals_plain_pytorch_bit_for_bit(weights):
+    model, batches = make_model(), make_batches()
+    reference = copy.deepcopy(model)
+    ref_losses = plain_training(reference, batches, SGD_MOMENTUM, F.cross_entropy)
+    _, losses = run_pipeline(model, batches, stages=[7], weights=weights, optimizer=SGD_MOMENTUM)
+    assert losses == ref_losses
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("schedule", ["layerpipe", "pipedream"])
+@pytest.mark.parametrize("opt", [SGD_MOMENTUM, ADAM], ids=["sgd-momentum", "adam"])
+@pytest.mark.parametrize("stages", [[1, 3, 2, 1], [4, 3], [2, 1, 1, 1, 2]])
+def test_stash_equals_handwritten_delayed_sgd(stages, opt, schedule):
+    model, batches = make_model(torch.float64), make_batches(dtype=torch.float64)
+    K = len(stages)
+    delays = [(2 if schedule == "layerpipe" else 1) * (K - 1 - k) for k in range(K)]
+    ref_model, ref_losses = delayed_sgd(model, stages, delays, batches, opt, F.cross_entropy)
+    pipe, losses = run_pipeline(model, batches, stages=stages, weights="stash", optimizer=opt, schedule=schedule)
+    assert pipe.delays == delays
+    assert losses == pytest.approx(ref_losses, rel=1e-10, abs=1e-12)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_stash_differs_from_latest_so_the_reference_test_has_teeth():
+    model, batches = make_model(torch.float64), make_batches(dtype=torch.float64)
+    ref_model, _ = delayed_sgd(model, [1, 3, 2, 1], [6, 4, 2, 0], batches, SGD_MOMENTUM, F.cross_entropy)
+    run_pipeline(model, batches, stages=[1, 3, 2, 1], weights="latest", optimizer=SGD_MOMENTUM)
+    diff = max((p - q).abs().max().item() for p, q in zip(model.parameters(), ref_model.parameters()))
+    assert diff > 1e-6
+
+
+def test_custom_delays_match_reference():
+    model, batches = make_model(torch.float64), make_batches(dtype=torch.float64)
+    delays = [7, 5, 3, 1]
+    ref_model, ref_losses = delayed_sgd(model, [1, 3, 2, 1], delays, batches, SGD_MOMENTUM, F.cross_entropy)
+    _, losses = run_pipeline(model, batches, stages=[1, 3, 2, 1], weights="stash", optimizer=SGD_MOMENTUM, delays=delays)
+    assert losses == pytest.approx(ref_losses, rel=1e-10)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_and_batchnorm_model_matches_reference():
+    """Views of saved weights (conv, linear's transpose) and BatchNorm buffers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(24, 3)
+    ).double()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(5, 1, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)) for _ in range(12)]
+    ref_model, ref_losses = delayed_sgd(model, [2, 2, 2], [4, 2, 0], batches, SGD_MOMENTUM, F.cross_entropy)
+    _, losses = run_pipeline(model, batches, stages=[2, 2, 2], weights="stash", optimizer=SGD_MOMENTUM)
+    assert losses == pytest.approx(ref_losses, rel=1e-10)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_tick_semantics_staleness_and_draining():
+    model, batches = make_model(), make_batches(n=10)
+    pipe = Pipeline(model, stages=[1, 3, 2, 1], weights="stash", optimizer=SGD_MOMENTUM)
+    infos = [pipe.step(x, y) for x, y in batches] + pipe.flush()
+    K, d = 4, [6, 4, 2, 0]
+    # the last stage's loss of microbatch m appears at tick m + K - 1
+    for info in infos:
+        assert sorted(info.losses) == ([info.tick - (K - 1)] if 0 <= info.tick - (K - 1) < 10 else [])
+    # stage k updates at ticks m + k + d_k; steady-state staleness is d_k updates
+    for k in range(K):
+        ticks = [i.tick for i in infos if i.staleness[k] is not None]
+        assert ticks == [m + k + d[k] for m in range(10)]
+    assert infos[12].staleness[0] == 6  # microbatch 6 at stage 0: six updates since its forward
+    assert len(infos) == 10 + 6 and pipe.in_flight() == 0
+
+
+def test_stash_bytes_match_tensors_held_and_formula():
+    model, batches = make_model(), make_batches(n=12)
+    pipe = Pipeline(model, stages=[2, 2, 2, 1], weights="stash", optimizer=SGD_MOMENTUM)
+    for x, y in batches:
+        pipe.step(x, y)
+    held = sum(
+        t.numel() * t.element_size() for s in pipe.stages for buf in s.strategy._saved.values() for t in buf.flats
+    )
+    assert pipe.weight_history_bytes() == held
+    expected = sum(d * s.parameter_bytes() for d, s in zip(pipe.delays, pipe.stages))
+    assert held == expected
+
+
+def test_ema_holds_at_most_one_copy():
+    model = make_model()
+    pipe = Pipeline(model, stages=[2, 2, 2, 1], weights="ema")
+    last = pipe.stages[-1].parameter_bytes()
+    assert pipe.weight_history_bytes() == pipe.parameter_bytes() - last  # the last stage has d = 0
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(PlanError, match="hold 5 layers"):
+        Pipeline(make_model(), stages=[2, 3])
+    with pytest.raises(LayerpipeError, match="unknown weight strategy"):
+        Pipeline(make_model(), stages=2, weights="magic")
+    with pytest.raises(PlanError, match="nn.Sequential"):
+        Pipeline(nn.Linear(2, 2), stages=1)
+    with pytest.raises(PlanError):
+        Pipeline(make_model(), stages=[4, 3], delays=[0, 0])
+
+
+def test_nan_loss_stops_training():
+    model = make_model()
+    pipe = Pipeline(model, stages=[4, 3], weights="ema")
+    x = torch.full((4, 6), float("nan"))
+    with pytest.raises(TrainingDiverged, match="nan"):
+        for _ in range(3):
+            pipe.step(x, torch.zeros(4, dtype=torch.long))

@@ -2,7 +2,7 @@
 
 `sync` and `stash` are exact; `ema` is the LayerPipe2 reconstruction; `latest` is the
 no-correction baseline; `weight-ema`, `extrapolate` and `momentum` are other estimators kept
-for comparison.
+for comparison; `probe` trains like `stash` and measures every estimator against it.
 """
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from layerpipe.weights.base import WeightStrategy
 from layerpipe.weights.ema import UpdateEMA
 from layerpipe.weights.estimators import Extrapolate, MomentumReuse, WeightEMA
 from layerpipe.weights.flat import FlatBuffer
+from layerpipe.weights.probe import ReconstructionProbe
 from layerpipe.weights.simple import Latest, Sync
 from layerpipe.weights.stash import Stash
 
 STRATEGIES: dict[str, type[WeightStrategy]] = {
-    cls.name: cls for cls in (Sync, Stash, UpdateEMA, Latest, WeightEMA, Extrapolate, MomentumReuse)
+    cls.name: cls for cls in (Sync, Stash, UpdateEMA, Latest, WeightEMA, Extrapolate, MomentumReuse, ReconstructionProbe)
 }
 #: the paper's comparison, in report order
 MAIN_STRATEGIES = ("sync", "stash", "ema", "latest")

@@ -1,0 +1,49 @@
+"""Arguments shared by the training subcommands (`train`, `compare`)."""
+from __future__ import annotations
+
+import argparse
+
+from layerpipe.plan import SCHEDULES
+from layerpipe.train import OPTIMIZERS, TrainConfig
+from layerpipe.weights import STRATEGIES
+
+
+def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    """Model, data and optimisation flags. With `sweep`, --stages is left to the caller."""
+    from layerpipe.models import MODEL_NAMES
+
+    p.add_argument("--model", default="cnn1d", help=f"model from the zoo: {', '.join(MODEL_NAMES)} (default: cnn1d)")
+    p.add_argument("--dataset", default=None, help="dataset (default: the model's own, e.g. mnist1d for cnn1d)")
+    p.add_argument("--data-dir", default=None, help="folder holding downloaded datasets (CIFAR python-pickle folders)")
+    p.add_argument("--samples", type=int, default=None, help="dataset size (MNIST-1D: total samples generated)")
+    if not sweep:
+        p.add_argument("--stages", default="4",
+                       help="K balanced stages, layers per stage like 2,1,3,1, or 'all' (one layer per stage); default 4")
+    p.add_argument("--schedule", default="layerpipe", choices=SCHEDULES,
+                   help="layerpipe: delay 2 S(k) ticks; pipedream: S(k) (1F1B timing)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the model's recipe)")
+    p.add_argument("--batch-size", type=int, default=None, help="microbatch size (default: the model's recipe)")
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="optimizer (default: the model's recipe)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's recipe)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
+    fields = dict(
+        model=args.model, dataset=args.dataset, data_dir=args.data_dir, samples=args.samples,
+        stages=getattr(args, "stages", "4"), weights=getattr(args, "weights", "ema"), schedule=args.schedule,
+        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, seed=getattr(args, "seed", 0), device=args.device,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+STRATEGY_HELP = (
+    "weight strategy: sync (no pipelining, the reference), stash (exact stored versions), "
+    "ema (LayerPipe2 reconstruction), latest (no correction), weight-ema, extrapolate, momentum; "
+    f"one of {', '.join(STRATEGIES)}"
+)

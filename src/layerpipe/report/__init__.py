@@ -1,0 +1,1 @@
+"""Metrics records (JSON lines), run folders, tables and plots."""

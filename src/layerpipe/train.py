@@ -1,0 +1,308 @@
+"""The training loop that ties data, model, plan, weight strategy and engine together.
+
+    from layerpipe.train import TrainConfig, train
+    result = train(TrainConfig(model="cnn1d", stages="4", weights="ema"))
+    print(result.test_accuracy, result.weight_history_bytes)
+
+Each epoch visits the training set in a seeded order (the same order in every process of
+the distributed runtime), one microbatch per tick, then drains the pipeline so that the
+evaluation, the epoch record and any checkpoint see every gradient applied. A drain costs
+2(K-1) ticks per epoch, well under 1% of an MNIST-1D epoch at K = 4.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from layerpipe.errors import LayerpipeError
+from layerpipe.plan import SCHEDULES
+from layerpipe.weights import STRATEGIES
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+#: per-model training recipes used when the user does not override them
+RECIPES: dict[str, dict[str, Any]] = {
+    "mlp": dict(epochs=20, batch_size=32, optimizer="adam", lr=2e-3),
+    "cnn1d": dict(epochs=12, batch_size=32, optimizer="adam", lr=2e-3),
+    "resnet18": dict(epochs=5, batch_size=64, optimizer="sgd", lr=0.05),
+    "snn": dict(epochs=20, batch_size=32, optimizer="adam", lr=2e-3),
+    "gpt": dict(epochs=2, batch_size=16, optimizer="adamw", lr=1e-3),
+}
+_FALLBACK_RECIPE = dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. `None` fields take the model's recipe (see RECIPES)."""
+
+    model: str = "cnn1d"
+    #: dataset name; None: the model's default dataset
+    dataset: str | None = None
+    #: "K" (K balanced stages), "2,1,3,1" (layers per stage) or "all" (one layer per stage)
+    stages: str = "4"
+    weights: str = "ema"
+    schedule: str = "layerpipe"
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    #: dataset size (MNIST-1D: total samples generated); None: the dataset's default
+    samples: int | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        recipe = RECIPES.get(self.model, _FALLBACK_RECIPE)
+        for key, value in recipe.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.weights not in STRATEGIES:
+            raise LayerpipeError(f"unknown weight strategy {self.weights!r}; choose one of: {', '.join(STRATEGIES)}")
+        if self.schedule not in SCHEDULES:
+            raise LayerpipeError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise LayerpipeError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise LayerpipeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr or self.lr <= 0:
+            raise LayerpipeError(f"--lr must be positive, got {self.lr}")
+        parse_stages(self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_stages(text: str | int | None) -> int | list[int] | None:
+    """'4' -> 4 balanced stages, '2,1,3,1' -> layers per stage, 'all' -> one layer per stage."""
+    if text is None or isinstance(text, int):
+        return text
+    text = str(text).strip()
+    if text in ("all", "layer", "each"):
+        return None
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise LayerpipeError(f"--stages must be K, a list like 2,1,3,1, or 'all'; got {text!r}") from None
+    if len(parts) == 1 and "," not in text:
+        if parts[0] < 1:
+            raise LayerpipeError(f"--stages must be at least 1, got {parts[0]}")
+        return parts[0]
+    return parts
+
+
+def make_optimizer_factory(config: TrainConfig) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    """The factory the engine calls once per stage with that stage's parameters."""
+    name, lr, wd = config.optimizer, float(config.lr), config.weight_decay
+
+    def factory(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if name == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=wd)
+        if name == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
+    return factory
+
+
+def epoch_order(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
+    """Index tensors of the epoch's microbatches: a permutation seeded by (seed, epoch), the
+    same in every process. The last, smaller batch is kept."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(num_samples, generator=g)
+    return list(perm.split(batch_size))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn, batch_size: int = 512) -> tuple[float, float]:
+    """(mean loss, accuracy) of `model` on (x, y); for sequences, accuracy per token."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_loss, correct, count = 0.0, 0, 0
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        out = model(xb)
+        total_loss += float(loss_fn(out, yb)) * len(xb)
+        correct += int((out.argmax(-1) == yb).sum())
+        count += yb.numel()
+    model.train(was_training)
+    return total_loss / len(x), correct / count
+
+
+@dataclass
+class TrainResult:
+    config: dict[str, Any]
+    stages: list[int]
+    delays: list[int]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    test_accuracy: float = 0.0
+    test_loss: float = 0.0
+    weight_history_bytes: int = 0
+    stash_bytes: int = 0
+    parameter_bytes: int = 0
+    seconds: float = 0.0
+    run_dir: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "test_accuracy": self.test_accuracy,
+            "test_loss": self.test_loss,
+            "weight_history_bytes": self.weight_history_bytes,
+            "stash_bytes": self.stash_bytes,
+            "parameter_bytes": self.parameter_bytes,
+            "stages": self.stages,
+            "delays": self.delays,
+            "weights": self.config["weights"],
+            "schedule": self.config["schedule"],
+            "model": self.config["model"],
+            "dataset": self.config["dataset"],
+            "epochs": self.config["epochs"],
+            "seed": self.config["seed"],
+            "seconds": self.seconds,
+            "seconds_per_epoch": (sum(r["seconds"] for r in self.history) / len(self.history)) if self.history else 0.0,
+            "run_dir": self.run_dir,
+        }
+
+
+def build(config: TrainConfig):
+    """Model, dataset and loss for a config, seeded: (model, dataset, loss_fn)."""
+    from layerpipe.data import load_dataset, loss_fn
+    from layerpipe.models import build_model, default_dataset
+
+    if config.dataset is None:
+        config.dataset = default_dataset(config.model)
+    data = load_dataset(config.dataset, data_dir=config.data_dir, samples=config.samples, seed=config.seed)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, num_classes=data.num_classes, input_shape=tuple(data.input_shape))
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LayerpipeError("--device cuda was asked for but no CUDA device is available")
+    return model.to(device), data, loss_fn(data.task)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    save: str | Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+) -> TrainResult:
+    """Train as `config` says; write metrics (and plots) to `run_dir` when given.
+
+    `save` receives the trained model's state_dict, written atomically at the end only, so
+    a run that diverges never overwrites a good file. `checkpoint_every` N writes
+    `run_dir/checkpoint.pt` every N epochs (atomically); `resume` continues from it and
+    ends with the weights an uninterrupted run would have.
+    """
+    from layerpipe.engine.single import Pipeline
+    from layerpipe.report.records import MetricsLog, atomic_torch_save
+
+    start = time.perf_counter()
+    model, data, loss = build(config)
+    device = torch.device(config.device)
+    pipe = Pipeline(
+        model,
+        stages=parse_stages(config.stages),
+        weights=config.weights,
+        optimizer=make_optimizer_factory(config),
+        loss_fn=loss,
+        schedule=config.schedule,
+    )
+    stash_bytes = sum(d * s.parameter_bytes() for d, s in zip(pipe.delays, pipe.stages))
+    result = TrainResult(config.to_dict(), pipe.stage_sizes, pipe.delays, stash_bytes=stash_bytes,
+                         parameter_bytes=pipe.parameter_bytes())
+    run_path = Path(run_dir) if run_dir else None
+    first_epoch = 0
+    checkpoint = run_path / "checkpoint.pt" if run_path else None
+    if resume:
+        if checkpoint is None or not checkpoint.exists():
+            raise LayerpipeError(f"--resume: no checkpoint at {checkpoint}")
+        state = _load_checkpoint(checkpoint, config)
+        pipe.load_state_dict(state["pipeline"])
+        first_epoch, result.history = int(state["epoch"]), list(state["history"])
+        torch.set_rng_state(state["rng"])  # dropout masks continue as they would have
+    metrics = None
+    if run_path:
+        metrics = MetricsLog(run_path / "metrics.jsonl", config.to_dict())
+        for record in result.history:
+            metrics.write(record)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    peak_history = pipe.weight_history_bytes()
+    for epoch in range(first_epoch, config.epochs):
+        epoch_start = time.perf_counter()
+        order = epoch_order(len(x_train), config.batch_size, config.seed, epoch)
+        losses: list[Tensor] = []
+        for _, info in _ticks(pipe, x_train, y_train, order, progress, f"epoch {epoch + 1}/{config.epochs}"):
+            losses.extend(info.losses.values())
+        peak_history = max(peak_history, pipe.weight_history_bytes())
+        seconds = time.perf_counter() - epoch_start
+        test_loss, test_acc = evaluate(model, data.x_test, data.y_test, loss)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": float(torch.stack(losses).mean()) if losses else float("nan"),
+            "test_loss": test_loss,
+            "test_accuracy": test_acc,
+            "seconds": seconds,
+            "weight_history_bytes": peak_history,
+        }
+        result.history.append(record)
+        if metrics:
+            metrics.write(record)
+        log.info("epoch %d: %s", epoch + 1, record)
+        if checkpoint and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
+            atomic_torch_save(
+                {"config": config.to_dict(), "epoch": epoch + 1, "history": result.history,
+                 "pipeline": pipe.state_dict(), "rng": torch.get_rng_state()},
+                checkpoint,
+            )
+    result.test_loss, result.test_accuracy = evaluate(model, data.x_test, data.y_test, loss)
+    result.weight_history_bytes = peak_history
+    result.seconds = time.perf_counter() - start
+    result.run_dir = str(run_path) if run_path else None
+    if run_path:
+        from layerpipe.report.plots import learning_curves
+
+        learning_curves({f"{config.model} / {config.weights}": {config.weights: [[r["test_accuracy"] for r in result.history]]}},
+                        run_path / "learning_curve.png")
+    if save:
+        atomic_torch_save(model.state_dict(), save)
+    return result
+
+
+def _ticks(pipe, x: Tensor, y: Tensor, order: list[Tensor], progress: bool, desc: str) -> Iterator[tuple[int, Any]]:
+    """Feed one epoch into the pipeline, then drain it; yields (microbatch, TickInfo)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(order, desc=desc, disable=not progress, leave=False, unit="mb", dynamic_ncols=True)
+    for i, idx in enumerate(bar):
+        yield i, pipe.step(x[idx], y[idx])
+    for info in pipe.flush():
+        yield -1, info
+
+
+def _load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location=config.device, weights_only=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise LayerpipeError(f"cannot read checkpoint {path}: {exc}") from None
+    saved = dict(state.get("config", {}))
+    for key in ("model", "dataset", "stages", "weights", "schedule", "seed", "batch_size"):
+        if saved.get(key) != getattr(config, key):
+            raise LayerpipeError(f"checkpoint {path} was made with {key}={saved.get(key)!r}, not {getattr(config, key)!r}")
+    return state

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from layerpipe.engine.stage import LossFn, Stage
-from layerpipe.errors import LayerpipeError, PlanError
+from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
 from layerpipe.plan import resolve_partition, stage_delays
 from layerpipe.weights import STRATEGIES, make_strategy
 
@@ -48,6 +48,8 @@ class TickInfo:
     #: per stage: updates the stage had applied between the forward and the backward of the
     #: gradient it applied this tick (None: no update this tick)
     staleness: list[int | None] = field(default_factory=list)
+    #: bytes the weight strategies held for past weights at the end of the tick
+    weight_history_bytes: int = 0
 
     def loss_values(self) -> list[float]:
         return [float(v) for v in self.losses.values()]
@@ -209,6 +211,7 @@ class Pipeline:
             else:
                 del self._entry[mb]
             stage.update()
+        info.weight_history_bytes = self.weight_history_bytes()
         self.tick += 1
         return info
 
@@ -225,8 +228,6 @@ class Pipeline:
             p.grad = None
         loss = self.loss_fn(self.model(x), y)
         if not torch.isfinite(loss.detach()).all():
-            from layerpipe.errors import TrainingDiverged
-
             raise TrainingDiverged(f"the loss of microbatch {mb} is {loss.item()}; training stopped")
         loss.backward()
         for stage in self.stages:

@@ -1,0 +1,112 @@
+"""Benchmark: time per tick of each weight strategy relative to `sync`, and the bytes each
+holds for weight history relative to |W|, side by side in one run.
+
+    .venv/bin/python benchmarks/strategy_overhead.py [--ticks 60] [--repeats 5] [--out FILE]
+
+Models: the MNIST-1D 1-D CNN of the zoo (batch 32) and a wider MLP (8 blocks of 512 units,
+batch 64), each at K = 2, 4, 8 stages (capped at one layer per stage). Measurements are
+interleaved round-robin (sync, stash, ema, ... then again) and the median of the repeats is
+reported, so that a noisy neighbour affects all strategies alike. Targets (issue 3): ema at
+most 1.15x sync's time, stash at most 1.3x; ema holds at most |W|, stash about (K-1)|W|.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerpipe import Pipeline
+from layerpipe.report.records import environment
+
+STRATEGIES = ("sync", "stash", "ema", "latest", "extrapolate", "momentum")
+
+
+def wide_mlp() -> nn.Sequential:
+    blocks = [nn.Sequential(nn.Linear(256, 512), nn.ReLU())]
+    blocks += [nn.Sequential(nn.Linear(512, 512), nn.ReLU()) for _ in range(6)]
+    return nn.Sequential(*blocks, nn.Linear(512, 10))
+
+
+def cnn1d() -> nn.Sequential:
+    from layerpipe.models import build_model
+
+    return build_model("cnn1d")
+
+
+def batch_for(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if name == "mlp-512":
+        return torch.randn(n, 256), torch.randint(0, 10, (n,))
+    from layerpipe.models import example_input
+
+    return example_input("cnn1d", n), torch.randint(0, 10, (n,))
+
+
+def time_ticks(make_model, name: str, stages: int, weights: str, ticks: int, batch: int) -> tuple[float, int, int]:
+    torch.manual_seed(0)
+    model = make_model()
+    k = min(stages, len(model))
+    pipe = Pipeline(model, stages=k, weights=weights,
+                    optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9), loss_fn=F.cross_entropy)
+    data = [batch_for(name, batch) for _ in range(8)]
+    warm = 2 * k + 2  # fill the pipeline first
+    for i in range(warm):
+        pipe.step(*data[i % 8])
+    start = time.perf_counter()
+    for i in range(ticks):
+        pipe.step(*data[i % 8])
+    seconds = (time.perf_counter() - start) / ticks
+    return seconds, pipe.weight_history_bytes(), pipe.parameter_bytes()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ticks", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--depths", default="2,4,8")
+    p.add_argument("--out", default=None, help="also write the report to this Markdown file")
+    args = p.parse_args()
+    env = environment()
+    models = {"cnn1d": (cnn1d, 32), "mlp-512": (wide_mlp, 64)}
+    lines = [
+        "# Weight-strategy overhead: time per tick vs sync, weight history vs |W|",
+        "",
+        f"Command: `python benchmarks/strategy_overhead.py --ticks {args.ticks} --repeats {args.repeats}`",
+        f"Machine: {env['processor']}, {env['cpus']} CPUs, {env['torch_threads']} torch threads; "
+        f"torch {env['torch']}, python {env['python']}; date {env['date']}; commit {env['commit']}",
+        "",
+        "| model | K | stages | " + " | ".join(f"{w} time" for w in STRATEGIES) + " | "
+        + " | ".join(f"{w} bytes/\\|W\\|" for w in STRATEGIES) + " | sync ms/tick |",
+        "|---|---|---|" + "---|" * (2 * len(STRATEGIES) + 1),
+    ]
+    print("\n".join(lines[:4]), flush=True)
+    for name, (make, batch) in models.items():
+        for depth in [int(d) for d in args.depths.split(",")]:
+            samples: dict[str, list[float]] = {w: [] for w in STRATEGIES}
+            held: dict[str, float] = {}
+            for _ in range(args.repeats):
+                for w in STRATEGIES:
+                    sec, hist, params = time_ticks(make, name, depth, w, args.ticks, batch)
+                    samples[w].append(sec)
+                    held[w] = hist / params
+            med = {w: statistics.median(v) for w, v in samples.items()}
+            k = min(depth, len(make()))
+            sizes = Pipeline(make(), stages=k).stage_sizes
+            row = (f"| {name} | {k} | {','.join(map(str, sizes))} | "
+                   + " | ".join(f"{med[w] / med['sync']:.3f}x" for w in STRATEGIES) + " | "
+                   + " | ".join(f"{held[w]:.2f}" for w in STRATEGIES) + f" | {1000 * med['sync']:.2f} |")
+            lines.append(row)
+            print(row, flush=True)
+    report = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

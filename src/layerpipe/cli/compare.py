@@ -1,0 +1,110 @@
+"""`layerpipe compare`: one task under several weight strategies, seeds and depths.
+
+Runs every (stages, weights, seed) combination in this process, one after another, and
+writes DIR/results.md (a Markdown table: test accuracy mean and spread, weight-history
+bytes as a multiple of |W|, time per epoch), DIR/curves.png (learning curves, one panel per
+depth) and DIR/results.json (every run's summary and per-epoch history). `sync` does not
+depend on the partition, so it runs once per seed and is shown at every depth.
+
+Example (the paper's comparison at depths 2, 4, 8 and one layer per stage):
+
+    layerpipe compare --model cnn1d --weights sync,stash,ema,latest --seeds 0,1,2 --stages 2 4 8 all
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+from pathlib import Path
+
+from layerpipe.cli.common import add_training_arguments, config_from_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="compare weight strategies over seeds and depths",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_arguments(p, sweep=True)
+    p.add_argument("--weights", default="sync,stash,ema,latest",
+                   help="comma-separated strategies (default sync,stash,ema,latest; also weight-ema, extrapolate, momentum)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--stages", nargs="+", default=["4"],
+                   help="depths to sweep, each as for train: K, a list like 2,1,3,1, or 'all' (default 4)")
+    p.add_argument("--out", default=None, help="output folder (default runs/compare-<time>-<model>)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from layerpipe.errors import LayerpipeError
+    from layerpipe.report.plots import learning_curves
+    from layerpipe.report.records import atomic_write_bytes, environment
+    from layerpipe.report.tables import comparison_table
+    from layerpipe.train import train
+
+    strategies = [w.strip() for w in args.weights.split(",") if w.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise LayerpipeError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    configs = [(stages, w, seed) for stages in args.stages for w in strategies for seed in seeds]
+    for stages, w, seed in configs:  # validate everything before the first long run
+        config_from_args(args, stages=stages, weights=w, seed=seed)
+    out = Path(args.out or f"runs/compare-{_dt.datetime.now():%Y%m%d-%H%M%S}-{args.model}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    results: dict[tuple[str, str, int], dict] = {}
+    sync_cache: dict[int, dict] = {}
+    bar = tqdm(configs, desc="compare", unit="run", disable=args.no_progress, dynamic_ncols=True)
+    for stages, w, seed in bar:
+        bar.set_postfix_str(f"stages={stages} weights={w} seed={seed}")
+        if w == "sync" and seed in sync_cache:
+            results[(stages, w, seed)] = sync_cache[seed]
+            continue
+        config = config_from_args(args, stages=stages, weights=w, seed=seed)
+        r = train(config, progress=False)
+        entry = {**r.summary(), "history": r.history}
+        results[(stages, w, seed)] = entry
+        if w == "sync":
+            sync_cache[seed] = entry
+
+    rows, panels = [], {}
+    for stages in args.stages:
+        panel = {}
+        # the partition of the depth, taken from any pipelined run of it
+        ref = next((results[(stages, w, s)] for w in strategies if w != "sync" for s in seeds), None)
+        for w in strategies:
+            runs = [results[(stages, w, s)] for s in seeds]
+            rows.append({
+                "stages": stages if ref is None else ",".join(map(str, ref["stages"])),
+                "delays": "0 (sync)" if w == "sync" or ref is None else ",".join(map(str, ref["delays"])),
+                "weights": w,
+                "accuracies": [r["test_accuracy"] for r in runs],
+                "history_x": max(r["weight_history_bytes"] for r in runs) / runs[0]["parameter_bytes"],
+                "seconds_per_epoch": sum(r["seconds_per_epoch"] for r in runs) / len(runs),
+            })
+            panel[w] = [[h["test_accuracy"] for h in r["history"]] for r in runs]
+        panels[f"K = {len(ref['stages']) if ref else stages}"] = panel
+    table = comparison_table(rows)
+    env = environment()
+    first = next(iter(results.values()))
+    command = "layerpipe compare " + " ".join(
+        [f"--model {args.model}", f"--weights {args.weights}", f"--seeds {args.seeds}", "--stages " + " ".join(args.stages)]
+        + [f"--{k.replace('_', '-')} {v}" for k in ("dataset", "samples", "epochs", "batch_size", "optimizer", "lr")
+           if (v := getattr(args, k)) is not None]
+    )
+    md = (
+        f"# {args.model} on {first['dataset']}: weight strategies compared\n\n"
+        f"Command: `{command}`\n\n"
+        f"Machine: {env['processor']}, {env['cpus']} CPUs, torch {env['torch']}, python {env['python']}; "
+        f"date {env['date']}; commit {env['commit']}\n\n"
+        f"Config: {first['epochs']} epochs, seeds {args.seeds}\n\n{table}\n\n![learning curves](curves.png)\n"
+    )
+    atomic_write_bytes(out / "results.md", md.encode())
+    atomic_write_bytes(out / "results.json", json.dumps(
+        {"environment": env, "command": command, "runs": [{"key": list(k), **v} for k, v in results.items()]}, indent=1
+    ).encode())
+    learning_curves(panels, out / "curves.png")
+    print(table)
+    print(f"\nwrote {out / 'results.md'}, {out / 'curves.png'}, {out / 'results.json'}")
+    return 0

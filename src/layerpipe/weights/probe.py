@@ -8,11 +8,14 @@ divided by `latest`'s (how much of the staleness error the estimator removes).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from layerpipe.errors import LayerpipeError
+from layerpipe.weights.base import WeightStrategy
 from layerpipe.weights.ema import UpdateEMA
 from layerpipe.weights.estimators import Extrapolate, MomentumReuse, WeightEMA
 from layerpipe.weights.simple import Latest
@@ -27,13 +30,17 @@ class ReconstructionProbe(Stash):
     def __init__(self, params, delay, optimizer=None) -> None:
         super().__init__(params, delay, optimizer)
         self.shadows = {}
-        for cls in SHADOWS:
+        for name, make in self.shadow_factories(delay).items():
             try:
-                self.shadows[cls.name] = cls(params, delay, optimizer)
-            except Exception:  # e.g. `momentum` without SGD momentum: not measurable here
+                self.shadows[name] = make(params, delay, optimizer)
+            except LayerpipeError:  # e.g. `momentum` without SGD momentum: not measurable here
                 continue
         self.squared_error = {name: 0.0 for name in self.shadows}
         self.backwards = 0
+
+    def shadow_factories(self, delay: int) -> dict[str, Callable[..., WeightStrategy]]:
+        """Estimators to measure, by name; override to measure others."""
+        return {cls.name: cls for cls in SHADOWS}
 
     def record_forward(self) -> int:
         for s in self.shadows.values():
@@ -46,7 +53,7 @@ class ReconstructionProbe(Stash):
             self.backwards += 1
             for name, s in self.shadows.items():
                 diff = torch._foreach_sub(s.backward_weights(version), exact)
-                self.squared_error[name] += float(sum(torch._foreach_norm(diff)[i] ** 2 for i in range(len(diff))))
+                self.squared_error[name] += float(sum(n**2 for n in torch._foreach_norm(diff)))
         return exact
 
     def before_update(self) -> None:

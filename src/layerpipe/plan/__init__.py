@@ -1,5 +1,36 @@
-"""Plan a pipeline: partition layers into stages, derive per-stage delays, check legality."""
-from layerpipe.plan.delays import SCHEDULES, downstream_stages, layer_delays, stage_delays
-from layerpipe.plan.partition import balanced_partition, resolve_partition
+"""Plan a pipeline: partition layers into stages, derive per-stage delays, check legality.
 
-__all__ = ["SCHEDULES", "balanced_partition", "downstream_stages", "layer_delays", "resolve_partition", "stage_delays"]
+    from layerpipe.plan import make_plan, verify_delays
+    plan = make_plan(4, stages=None, schedule="layerpipe")      # or a model name, an nn.Sequential
+    plan.stage_delays                                             # [6, 4, 2, 0]
+    verify_delays(plan.stage_sizes, [6, 4, 1, 0]).message()       # 'layer 3 (stage 2) needs 2 delays, has 1'
+
+Modules, in the order data flows: `layers` (what a layer is), `costs` (what balancing
+equalises), `partition` (layers -> stages), `delays` (the delay rule), `planner` (the `Plan`),
+`graph` (the training data-flow graph), `retiming` (delays -> stage registers, legality).
+Pure Python: torch is imported only to read a model or time its layers.
+"""
+from layerpipe.plan.delays import SCHEDULES, downstream_stages, layer_delays, stage_delays
+from layerpipe.plan.layers import LayerInfo, describe_layers
+from layerpipe.plan.partition import balanced_partition, resolve_partition
+from layerpipe.plan.planner import LayerPlan, Plan, StagePlan, history_bytes, make_plan
+from layerpipe.plan.retiming import RetimingReport, ShortLoop, verify_delays
+
+__all__ = [
+    "SCHEDULES",
+    "LayerInfo",
+    "LayerPlan",
+    "Plan",
+    "RetimingReport",
+    "ShortLoop",
+    "StagePlan",
+    "balanced_partition",
+    "describe_layers",
+    "downstream_stages",
+    "history_bytes",
+    "layer_delays",
+    "make_plan",
+    "resolve_partition",
+    "stage_delays",
+    "verify_delays",
+]

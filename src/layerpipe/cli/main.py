@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     except LayerpipeError as exc:
         print(f"layerpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `layerpipe plan | head`: the reader left; not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("layerpipe: interrupted", file=sys.stderr)
         return 130

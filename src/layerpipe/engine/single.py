@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from layerpipe.engine.stage import LossFn, Stage
 from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
 from layerpipe.plan import resolve_partition, stage_delays
+from layerpipe.plan.costs import param_costs
+from layerpipe.plan.layers import module_layers
 from layerpipe.weights import STRATEGIES, make_strategy
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,8 @@ class Pipeline:
             raise PlanError(f"the model must be an nn.Sequential of layers, got {type(model).__name__}")
         if weights not in STRATEGIES:
             raise LayerpipeError(f"unknown weight strategy {weights!r}; choose one of: {', '.join(STRATEGIES)}")
-        costs = [float(sum(p.numel() for p in layer.parameters())) or 1.0 for layer in model]
+        # the same balance as `layerpipe plan` shows: parameter counts per layer
+        costs = param_costs(module_layers(model))
         self.stage_sizes = resolve_partition(len(model), stages, costs=costs)
         num_stages = len(self.stage_sizes)
         if delays is None:

@@ -72,6 +72,30 @@ def check_delays(delays: Sequence[int]) -> list[int]:
     return out
 
 
+def plan_stages(
+    model: nn.Sequential,
+    stages: int | Sequence[int] | None,
+    weights: str,
+    schedule: str = "layerpipe",
+    delays: Sequence[int] | None = None,
+) -> tuple[list[int], list[int]]:
+    """(layers per stage, delay per stage) of a pipeline: the one place both engines (this
+    one and `engine.distributed`) derive them, so they always split a model the same way."""
+    if not isinstance(model, nn.Sequential):
+        raise PlanError(f"the model must be an nn.Sequential of layers, got {type(model).__name__}")
+    if weights not in STRATEGIES:
+        raise LayerpipeError(f"unknown weight strategy {weights!r}; choose one of: {', '.join(STRATEGIES)}")
+    # the same balance as `layerpipe plan` shows: parameter counts per layer
+    costs = param_costs(module_layers(model))
+    sizes = resolve_partition(len(model), stages, costs=costs)
+    num_stages = len(sizes)
+    if delays is None:
+        delays = stage_delays(num_stages, schedule)
+    elif len(delays) != num_stages:
+        raise PlanError(f"{len(delays)} delays given for {num_stages} stages")
+    return sizes, [0] * num_stages if weights == "sync" else check_delays(delays)
+
+
 class Pipeline:
     """Pipelined training of an `nn.Sequential` split into stages, in one process.
 
@@ -96,23 +120,12 @@ class Pipeline:
         schedule: str = "layerpipe",
         delays: Sequence[int] | None = None,
     ) -> None:
-        if not isinstance(model, nn.Sequential):
-            raise PlanError(f"the model must be an nn.Sequential of layers, got {type(model).__name__}")
-        if weights not in STRATEGIES:
-            raise LayerpipeError(f"unknown weight strategy {weights!r}; choose one of: {', '.join(STRATEGIES)}")
-        # the same balance as `layerpipe plan` shows: parameter counts per layer
-        costs = param_costs(module_layers(model))
-        self.stage_sizes = resolve_partition(len(model), stages, costs=costs)
+        self.stage_sizes, self.delays = plan_stages(model, stages, weights, schedule, delays)
         num_stages = len(self.stage_sizes)
-        if delays is None:
-            delays = stage_delays(num_stages, schedule)
-        elif len(delays) != num_stages:
-            raise PlanError(f"{len(delays)} delays given for {num_stages} stages")
         self.model = model
         self.weights = weights
         self.schedule = schedule
         self.synchronous = weights == "sync"
-        self.delays = [0] * num_stages if self.synchronous else check_delays(delays)
         self.loss_fn = loss_fn
         optimizer = optimizer or default_optimizer
         self.stages: list[Stage] = []

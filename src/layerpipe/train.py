@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from layerpipe.errors import LayerpipeError
-from layerpipe.plan import SCHEDULES
+from layerpipe.plan import SCHEDULES, stage_delays
 from layerpipe.weights import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ def train(
     save: str | Path | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    distributed: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train as `config` says; write metrics (and plots) to `run_dir` when given.
 
@@ -209,7 +211,16 @@ def train(
     a run that diverges never overwrites a good file. `checkpoint_every` N writes
     `run_dir/checkpoint.pt` every N epochs (atomically); `resume` continues from it and
     ends with the weights an uninterrupted run would have.
+
+    Under torchrun or `layerpipe train --nproc K` (WORLD_SIZE in the environment), or with
+    `distributed` options (timeout, backend, ...), each process runs one stage:
+    `layerpipe.engine.distributed.train_distributed`, same numbers, same result.
     """
+    if distributed is not None or "WORLD_SIZE" in os.environ:
+        from layerpipe.engine.distributed import train_distributed
+
+        return train_distributed(config, run_dir=run_dir, progress=progress, save=save,
+                                 checkpoint_every=checkpoint_every, resume=resume, **(distributed or {}))
     from layerpipe.engine.single import Pipeline
     from layerpipe.report.records import MetricsLog, atomic_torch_save
 
@@ -224,7 +235,9 @@ def train(
         loss_fn=loss,
         schedule=config.schedule,
     )
-    stash_bytes = sum(d * s.parameter_bytes() for d, s in zip(pipe.delays, pipe.stages))
+    # what exact stashing would hold with this partition (also reported for sync and ema runs)
+    stash_delays = stage_delays(pipe.num_stages, config.schedule)
+    stash_bytes = sum(d * s.parameter_bytes() for d, s in zip(stash_delays, pipe.stages))
     result = TrainResult(config.to_dict(), pipe.stage_sizes, pipe.delays, stash_bytes=stash_bytes,
                          parameter_bytes=pipe.parameter_bytes())
     run_path = Path(run_dir) if run_dir else None

@@ -60,6 +60,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
+    #: seed of dataset generation and splits, kept fixed across --seed so that runs over
+    #: seeds compare on the same data (42: the published MNIST-1D)
+    data_seed: int = 42
     device: str = "cpu"
     #: dataset size (MNIST-1D: total samples generated); None: the dataset's default
     samples: int | None = None
@@ -103,6 +106,15 @@ def parse_stages(text: str | int | None) -> int | list[int] | None:
             raise LayerpipeError(f"--stages must be at least 1, got {parts[0]}")
         return parts[0]
     return parts
+
+
+def split_blocks(model: nn.Sequential) -> nn.Sequential:
+    """The same network with every nested `nn.Sequential` block replaced by its layers (same
+    module objects, same parameters), so that it can be cut into more stages."""
+    layers: list[nn.Module] = []
+    for block in model:
+        layers.extend(split_blocks(block) if isinstance(block, nn.Sequential) else [block])
+    return nn.Sequential(*layers)
 
 
 def make_optimizer_factory(config: TrainConfig) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
@@ -186,9 +198,14 @@ def build(config: TrainConfig):
 
     if config.dataset is None:
         config.dataset = default_dataset(config.model)
-    data = load_dataset(config.dataset, data_dir=config.data_dir, samples=config.samples, seed=config.seed)
+    data = load_dataset(config.dataset, data_dir=config.data_dir, samples=config.samples, seed=config.data_seed)
     torch.manual_seed(config.seed)
     model = build_model(config.model, num_classes=data.num_classes, input_shape=tuple(data.input_shape))
+    stages = parse_stages(config.stages)
+    wanted = stages if isinstance(stages, int) else len(stages) if stages else 0
+    if wanted > len(model):
+        # deeper pipelines than the model has blocks: split the blocks into their layers
+        model = split_blocks(model)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LayerpipeError("--device cuda was asked for but no CUDA device is available")

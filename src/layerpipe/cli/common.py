@@ -16,6 +16,8 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
     p.add_argument("--dataset", default=None, help="dataset (default: the model's own, e.g. mnist1d for cnn1d)")
     p.add_argument("--data-dir", default=None, help="folder holding downloaded datasets (CIFAR python-pickle folders)")
     p.add_argument("--samples", type=int, default=None, help="dataset size (MNIST-1D: total samples generated)")
+    p.add_argument("--data-seed", type=int, default=42,
+                   help="seed of dataset generation and splits, fixed across --seed (default 42, the published MNIST-1D)")
     if not sweep:
         p.add_argument("--stages", default="4",
                        help="K balanced stages, layers per stage like 2,1,3,1, or 'all' (one layer per stage); default 4")
@@ -33,7 +35,7 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
 
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
     fields = dict(
-        model=args.model, dataset=args.dataset, data_dir=args.data_dir, samples=args.samples,
+        model=args.model, dataset=args.dataset, data_dir=args.data_dir, samples=args.samples, data_seed=args.data_seed,
         stages=getattr(args, "stages", "4"), weights=getattr(args, "weights", "ema"), schedule=args.schedule,
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=getattr(args, "seed", 0), device=args.device,

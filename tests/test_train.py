@@ -1,0 +1,105 @@
+"""The training loop and `layerpipe train`: results, determinism, records, saves, resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from layerpipe.cli.main import main
+from layerpipe.train import TrainConfig, split_blocks, train
+
+SMALL = dict(model="cnn1d", samples=600, epochs=2, batch_size=32, optimizer="sgd", lr=0.05)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LAYERPIPE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_same_seed_same_numbers_and_records(tmp_path):
+    a = train(TrainConfig(**SMALL, weights="ema", stages="4"), run_dir=tmp_path / "a", progress=False)
+    b = train(TrainConfig(**SMALL, weights="ema", stages="4"), run_dir=tmp_path / "b", progress=False)
+    assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+    assert a.test_accuracy == b.test_accuracy and 0.0 <= a.test_accuracy <= 1.0
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["config"]["weights"] == "ema" and "commit" in header["environment"]
+    assert [json.loads(line)["epoch"] for line in lines[1:]] == [1, 2]
+    assert (tmp_path / "a" / "learning_curve.png").stat().st_size > 1000
+    # bytes: ema holds one copy of the delayed stages, stash would hold d_k copies
+    assert 0 < a.weight_history_bytes <= a.parameter_bytes < a.stash_bytes
+
+
+def test_stash_bytes_reported_match_delays(tmp_path):
+    r = train(TrainConfig(**SMALL, weights="stash", stages="2,1,1,1"), progress=False)
+    assert r.delays == [6, 4, 2, 0]
+    assert r.weight_history_bytes == r.stash_bytes
+
+
+def test_split_blocks_allows_deeper_pipelines():
+    from layerpipe.models import build_model
+
+    model = build_model("cnn1d")
+    flat = split_blocks(model)
+    assert len(flat) > len(model)
+    assert [p.data_ptr() for p in flat.parameters()] == [p.data_ptr() for p in model.parameters()]
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(flat(x), model(x))
+    r = train(TrainConfig(**{**SMALL, "epochs": 1}, weights="latest", stages="8"), progress=False)
+    assert len(r.stages) == 8
+
+
+def test_cli_json_last_line(capsys, tmp_path):
+    rc = main(["train", "--samples", "600", "--epochs", "1", "--stages", "3", "--weights", "stash", "--json",
+               "--no-progress", "--run-dir", str(tmp_path / "run")])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("test_accuracy", "weight_history_bytes", "parameter_bytes", "stages", "delays", "weights", "seconds"):
+        assert key in out
+    assert out["weights"] == "stash" and len(out["stages"]) == 3 and out["delays"] == [4, 2, 0]
+
+
+def test_nan_stops_without_overwriting_a_good_save(capsys, tmp_path):
+    save = tmp_path / "model.pt"
+    args = ["train", "--samples", "600", "--epochs", "1", "--no-progress", "--optimizer", "sgd",
+            "--run-dir", str(tmp_path / "run"), "--save", str(save)]
+    assert main(args + ["--lr", "0.05"]) == 0
+    good = save.read_bytes()
+    assert set(torch.load(save)) == set(dict(__import__("layerpipe.models", fromlist=["x"]).build_model("cnn1d").state_dict()))
+    capsys.readouterr()
+    rc = main(args + ["--lr", "1e12"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "loss" in err
+    assert save.read_bytes() == good
+
+
+@pytest.mark.parametrize("weights", ["stash", "ema"])
+def test_resume_equals_uninterrupted(tmp_path, weights):
+    config = dict(**{**SMALL, "epochs": 3}, weights=weights, stages="3")
+    full = train(TrainConfig(**config), run_dir=tmp_path / "full", progress=False, save=tmp_path / "full.pt")
+    # the interrupted run stops after epoch 2 (its checkpoint), then resumes to epoch 3
+    train(TrainConfig(**{**config, "epochs": 2}), run_dir=tmp_path / "part", progress=False, checkpoint_every=1)
+    resumed = train(TrainConfig(**config), run_dir=tmp_path / "part", progress=False, resume=True,
+                    save=tmp_path / "resumed.pt")
+    a, b = torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "resumed.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed.test_accuracy == full.test_accuracy
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--weights", "magic"], "unknown weight strategy"),
+        (["--stages", "9,9"], "hold 18 layers"),
+        (["--stages", "x"], "--stages"),
+        (["--model", "nope"], "unknown model"),
+        (["--epochs", "0"], "at least 1"),
+        (["--resume"], "--resume"),
+    ],
+)
+def test_cli_bad_input_one_line(capsys, argv, message):
+    rc = main(["train", "--samples", "600", "--epochs", "1", "--no-progress"] + argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and message in err[0], err

@@ -1,27 +1,134 @@
-"""Model zoo: every model is an `nn.Sequential` of blocks, so any partition into stages makes sense.
+"""Model zoo: every model is an `nn.Sequential` of blocks, so any split into contiguous
+stages is a valid pipeline.
 
-CONTRACT (being filled in): `MODEL_NAMES`, `build_model(name, **kwargs) -> nn.Sequential`,
-`example_input(name, batch_size) -> Tensor`, `default_dataset(name) -> str`.
+    from layerpipe.models import build_model, example_input, default_dataset
+    model = build_model("cnn1d")                    # MNIST-1D defaults: (B, 40) -> (B, 10)
+    model = build_model("mlp", input_shape=(64,))   # sklearn digits
+    x = example_input("cnn1d", batch_size=32)       # a batch shaped like the dataset's inputs
+    default_dataset("resnet18")                     # "cifar100"
+
+| name     | default dataset | input (one sample)   | blocks | parameters (defaults) |
+|----------|-----------------|----------------------|--------|-----------------------|
+| mlp      | mnist1d         | (40,) float          | 5      | 210,442               |
+| cnn1d    | mnist1d         | (40,) or (1, 40)     | 5      | 25,066                |
+| resnet18 | cifar100        | (3, 32, 32)          | 10     | 11,220,132            |
+| snn      | mnist1d         | (40,) or (1, 40)     | 5      | 25,066                |
+| gpt      | text            | (128,) int64 bytes   | 6      | 875,264               |
+
+`num_classes` and `input_shape` default to the default dataset's; other keyword arguments go
+to the model's builder (e.g. `hidden=` for mlp, `channels=` for cnn1d/snn, `time_steps=` for
+snn, `n_layer=`, `d_model=`, `n_head=`, `block_size=` for gpt). Each block holds parameters,
+so a stage is never empty of weights.
 """
 from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-MODEL_NAMES = ("mlp",)
+from layerpipe.errors import PlanError
+
+MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn1d", "resnet18", "snn", "gpt")
 
 
-def build_model(name: str, **kwargs) -> nn.Sequential:
+@dataclass(frozen=True)
+class _Spec:
+    dataset: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    integer_input: bool = False  # byte ids (gpt) instead of float features
+
+
+_SPECS: dict[str, _Spec] = {
+    "mlp": _Spec("mnist1d", (40,), 10),
+    "cnn1d": _Spec("mnist1d", (40,), 10),
+    "resnet18": _Spec("cifar100", (3, 32, 32), 100),
+    "snn": _Spec("mnist1d", (40,), 10),
+    "gpt": _Spec("text", (128,), 256, integer_input=True),
+}
+
+
+def _spec(name: str) -> _Spec:
+    if name not in _SPECS:
+        raise PlanError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    return _SPECS[name]
+
+
+def _builder(name: str) -> Callable[..., nn.Sequential]:
+    # imported on demand: building an MLP need not import the transformer
     if name == "mlp":
-        return nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-    from layerpipe.errors import PlanError
+        from layerpipe.models.mlp import build_mlp
 
-    raise PlanError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+        return build_mlp
+    if name == "cnn1d":
+        from layerpipe.models.cnn1d import build_cnn1d
+
+        return build_cnn1d
+    if name == "resnet18":
+        from layerpipe.models.resnet import build_resnet18
+
+        return build_resnet18
+    if name == "snn":
+        from layerpipe.models.snn import build_snn
+
+        return build_snn
+    from layerpipe.models.gpt import build_gpt
+
+    return build_gpt
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    **kwargs: Any,
+) -> nn.Sequential:
+    """Build model `name` as an `nn.Sequential` of blocks (float32, CPU, fresh init).
+
+    `num_classes` / `input_shape` default to the model's default dataset. For gpt,
+    `num_classes` is the vocabulary size and `input_shape` is `(seq_len,)`, which sets the
+    block size. Raises `PlanError` for an unknown name or a shape the model cannot take.
+    """
+    spec = _spec(name)
+    classes = spec.num_classes if num_classes is None else int(num_classes)
+    shape = spec.input_shape if input_shape is None else tuple(int(d) for d in input_shape)
+    if classes < 1:
+        raise PlanError(f"num_classes must be positive, got {classes}")
+    if name == "gpt":
+        if len(shape) != 1:
+            raise PlanError(f"gpt needs inputs shaped (seq_len,), got {shape}")
+        kwargs.setdefault("block_size", shape[0])
+        kwargs.setdefault("vocab_size", classes)
+    else:
+        kwargs.update(num_classes=classes, input_shape=shape)
+    builder = _builder(name)
+    accepted = inspect.signature(builder).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        options = ", ".join(k for k in accepted if k not in ("num_classes", "input_shape"))
+        raise PlanError(f"model {name!r} has no option {', '.join(unknown)}; its options: {options}")
+    return builder(**kwargs)
 
 
 def example_input(name: str, batch_size: int = 32) -> torch.Tensor:
-    return torch.randn(batch_size, 40)
+    """A batch shaped like the default dataset's inputs (float32, or int64 bytes for gpt).
+
+    Random but deterministic (its own generator; the global RNG is untouched)."""
+    spec = _spec(name)
+    gen = torch.Generator().manual_seed(0)
+    if spec.integer_input:
+        return torch.randint(0, spec.num_classes, (batch_size, *spec.input_shape), generator=gen)
+    return torch.randn((batch_size, *spec.input_shape), generator=gen)
 
 
 def default_dataset(name: str) -> str:
-    return "mnist1d"
+    """The dataset name (see `layerpipe.data.DATASET_NAMES`) whose defaults the model follows."""
+    return _spec(name).dataset
+
+
+__all__ = ["MODEL_NAMES", "build_model", "default_dataset", "example_input"]

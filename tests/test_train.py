@@ -78,8 +78,14 @@ def test_nan_stops_without_overwriting_a_good_save(capsys, tmp_path):
 def test_resume_equals_uninterrupted(tmp_path, weights):
     config = dict(**{**SMALL, "epochs": 3}, weights=weights, stages="3")
     full = train(TrainConfig(**config), run_dir=tmp_path / "full", progress=False, save=tmp_path / "full.pt")
-    # the interrupted run stops after epoch 2 (its checkpoint), then resumes to epoch 3
-    train(TrainConfig(**{**config, "epochs": 2}), run_dir=tmp_path / "part", progress=False, checkpoint_every=1)
+    # the interrupted run dies after epoch 2's checkpoint, then resumes to epoch 3
+
+    def crash(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**config), run_dir=tmp_path / "part", progress=False, checkpoint_every=1, on_epoch=crash)
     resumed = train(TrainConfig(**config), run_dir=tmp_path / "part", progress=False, resume=True,
                     save=tmp_path / "resumed.pt")
     a, b = torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "resumed.pt")

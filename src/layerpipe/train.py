@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +31,19 @@ from layerpipe.weights import STRATEGIES
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("cosine", "constant")
 
 #: per-model training recipes used when the user does not override them
+# (threads: torch intra-op threads; 1 for the small models, whose kernels are too small to
+# split and which slow down up to 5x on 2 threads when another process shares the cores)
 RECIPES: dict[str, dict[str, Any]] = {
-    "mlp": dict(epochs=20, batch_size=32, optimizer="adam", lr=2e-3),
-    "cnn1d": dict(epochs=12, batch_size=32, optimizer="adam", lr=2e-3),
-    "resnet18": dict(epochs=5, batch_size=64, optimizer="sgd", lr=0.05),
-    "snn": dict(epochs=20, batch_size=32, optimizer="adam", lr=2e-3),
-    "gpt": dict(epochs=2, batch_size=16, optimizer="adamw", lr=1e-3),
+    "mlp": dict(epochs=20, batch_size=64, optimizer="sgd", lr=0.05, threads=1),
+    "cnn1d": dict(epochs=30, batch_size=64, optimizer="sgd", lr=0.05, threads=1),
+    "resnet18": dict(epochs=5, batch_size=64, optimizer="sgd", lr=0.05, threads=0),
+    "snn": dict(epochs=15, batch_size=64, optimizer="adam", lr=3e-3, threads=1),
+    "gpt": dict(epochs=2, batch_size=16, optimizer="adamw", lr=1e-3, threads=0),
 }
-_FALLBACK_RECIPE = dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3)
+_FALLBACK_RECIPE = dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3, threads=0)
 
 
 @dataclass
@@ -57,6 +61,10 @@ class TrainConfig:
     batch_size: int | None = None
     optimizer: str | None = None
     lr: float | None = None
+    #: "cosine": lr decays to 0 over the run with a cosine, per epoch; "constant"
+    lr_schedule: str = "cosine"
+    #: epochs of linear learning-rate warm-up (PipeMare: stale gradients hurt most early)
+    warmup_epochs: int = 0
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
@@ -64,6 +72,8 @@ class TrainConfig:
     #: seeds compare on the same data (42: the published MNIST-1D)
     data_seed: int = 42
     device: str = "cpu"
+    #: torch intra-op threads (0: torch's default, all cores); None: the model's recipe
+    threads: int | None = None
     #: dataset size (MNIST-1D: total samples generated); None: the dataset's default
     samples: int | None = None
     data_dir: str | None = None
@@ -82,6 +92,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise LayerpipeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise LayerpipeError(f"unknown --lr-schedule {self.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
         if not self.lr or self.lr <= 0:
             raise LayerpipeError(f"--lr must be positive, got {self.lr}")
         parse_stages(self.stages)
@@ -129,6 +141,24 @@ def make_optimizer_factory(config: TrainConfig) -> Callable[[list[nn.Parameter]]
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
 
     return factory
+
+
+def epoch_lr(config: TrainConfig, epoch: int) -> float:
+    """Learning rate of an epoch (0-based): linear warm-up, then cosine decay or constant."""
+    base = float(config.lr)
+    if epoch < config.warmup_epochs:
+        return base * (epoch + 1) / (config.warmup_epochs + 1)
+    if config.lr_schedule == "constant":
+        return base
+    span = max(1, config.epochs - config.warmup_epochs)
+    return base * 0.5 * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / span))
+
+
+def set_lr(optimizers: Iterable[torch.optim.Optimizer | None], lr: float) -> None:
+    for opt in optimizers:
+        if opt is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr
 
 
 def epoch_order(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
@@ -220,6 +250,7 @@ def train(
     save: str | Path | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
     distributed: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train as `config` says; write metrics (and plots) to `run_dir` when given.
@@ -227,7 +258,8 @@ def train(
     `save` receives the trained model's state_dict, written atomically at the end only, so
     a run that diverges never overwrites a good file. `checkpoint_every` N writes
     `run_dir/checkpoint.pt` every N epochs (atomically); `resume` continues from it and
-    ends with the weights an uninterrupted run would have.
+    ends with the weights an uninterrupted run would have. `on_epoch(record)` is called
+    after each epoch's record (and checkpoint).
 
     Under torchrun or `layerpipe train --nproc K` (WORLD_SIZE in the environment), or with
     `distributed` options (timeout, backend, ...), each process runs one stage:
@@ -242,6 +274,8 @@ def train(
     from layerpipe.report.records import MetricsLog, atomic_torch_save
 
     start = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     model, data, loss = build(config)
     device = torch.device(config.device)
     pipe = Pipeline(
@@ -276,6 +310,7 @@ def train(
     peak_history = pipe.weight_history_bytes()
     for epoch in range(first_epoch, config.epochs):
         epoch_start = time.perf_counter()
+        set_lr((stage.optimizer for stage in pipe.stages), epoch_lr(config, epoch))
         order = epoch_order(len(x_train), config.batch_size, config.seed, epoch)
         losses: list[Tensor] = []
         for _, info in _ticks(pipe, x_train, y_train, order, progress, f"epoch {epoch + 1}/{config.epochs}"):
@@ -301,6 +336,8 @@ def train(
                  "pipeline": pipe.state_dict(), "rng": torch.get_rng_state()},
                 checkpoint,
             )
+        if on_epoch is not None:
+            on_epoch(record)
     result.test_loss, result.test_accuracy = evaluate(model, data.x_test, data.y_test, loss)
     result.weight_history_bytes = peak_history
     result.seconds = time.perf_counter() - start

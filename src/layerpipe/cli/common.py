@@ -27,9 +27,14 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
     p.add_argument("--batch-size", type=int, default=None, help="microbatch size (default: the model's recipe)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="optimizer (default: the model's recipe)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's recipe)")
+    p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"),
+                   help="per-epoch learning-rate schedule (default cosine decay to 0)")
+    p.add_argument("--warmup-epochs", type=int, default=0, help="epochs of linear learning-rate warm-up (default 0)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (0: all cores; default: the model's recipe, 1 for small models)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -38,7 +43,9 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         model=args.model, dataset=args.dataset, data_dir=args.data_dir, samples=args.samples, data_seed=args.data_seed,
         stages=getattr(args, "stages", "4"), weights=getattr(args, "weights", "ema"), schedule=args.schedule,
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+        lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=getattr(args, "seed", 0), device=args.device,
+        threads=args.threads,
     )
     fields.update(overrides)
     return TrainConfig(**fields)

@@ -263,13 +263,15 @@ def train(
 
     Under torchrun or `layerpipe train --nproc K` (WORLD_SIZE in the environment), or with
     `distributed` options (timeout, backend, ...), each process runs one stage:
-    `layerpipe.engine.distributed.train_distributed`, same numbers, same result.
+    `layerpipe.engine.distributed.train_distributed`, same numbers, same result (it mirrors
+    this loop: keep the two in step; tests/test_distributed.py compares them).
     """
     if distributed is not None or "WORLD_SIZE" in os.environ:
         from layerpipe.engine.distributed import train_distributed
 
         return train_distributed(config, run_dir=run_dir, progress=progress, save=save,
-                                 checkpoint_every=checkpoint_every, resume=resume, **(distributed or {}))
+                                 checkpoint_every=checkpoint_every, resume=resume, on_epoch=on_epoch,
+                                 **(distributed or {}))
     from layerpipe.engine.single import Pipeline
     from layerpipe.report.records import MetricsLog, atomic_torch_save
 

@@ -29,7 +29,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="write RUN_DIR/checkpoint.pt every N epochs (atomically)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--json", action="store_true", help="end with one JSON line of results")
-    p.set_defaults(run=run)
+    p.add_argument("--nproc", type=int, default=None, metavar="K",
+                   help="run K local processes, one stage each (gloo on 127.0.0.1); --stages defaults to K. "
+                        "`torchrun --nproc-per-node K -m layerpipe train ...` works as well")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="distributed runs: seconds a stage waits for another before the run stops (default 60)")
+    p.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
+                   help="distributed runs: auto (nccl when every process has its own GPU, else gloo), gloo "
+                        "(CUDA tensors travel through CPU copies) or nccl")
+    p.set_defaults(run=run, stages=None)  # None: 4, or the number of processes
 
 
 def default_run_dir(model: str, weights: str) -> Path:
@@ -41,15 +49,38 @@ def run(args: argparse.Namespace) -> int:
     from layerpipe.errors import LayerpipeError
     from layerpipe.train import train
 
+    world = _world()
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc < 1:
+        raise LayerpipeError(f"--nproc must be at least 1, got {nproc}")
+    if world is not None and nproc is not None and nproc != world.world_size:
+        raise LayerpipeError(f"--nproc {nproc} disagrees with WORLD_SIZE={world.world_size} set by the launcher")
+    distributed = world is not None or nproc is not None
+    if getattr(args, "stages", None) is None:
+        args.stages = str(world.world_size if world is not None else nproc or 4)
     config = config_from_args(args)
     if args.resume and not args.run_dir:
         raise LayerpipeError("--resume needs --run-dir (the folder of the run to continue)")
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config.model, config.weights)
-    if not args.json:
+    if distributed and world is None and nproc > 1:
+        return _launch(args, config, run_dir)
+    rank0 = world is None or world.rank == 0
+    if not args.json and rank0:
         print(f"training {config.model} in stages {config.stages} with weights={config.weights} "
-              f"(schedule {config.schedule}, {config.epochs} epochs) -> {run_dir}")
-    result = train(config, run_dir=run_dir, progress=not args.no_progress, save=args.save,
-                   checkpoint_every=args.checkpoint_every, resume=args.resume)
+              f"(schedule {config.schedule}, {config.epochs} epochs"
+              f"{f', {nproc or world.world_size} processes' if distributed else ''}) -> {run_dir}", flush=True)
+    options = None
+    if distributed:
+        options = {"timeout": args.timeout, "backend": args.backend, "forced_exit": _leave_now}
+    try:
+        result = train(config, run_dir=run_dir, progress=not args.no_progress and rank0, save=args.save,
+                       checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=options)
+    except BaseException as exc:
+        if not distributed:
+            raise
+        _leave(exc, rank0)
+    if not rank0:
+        return 0
     summary = result.summary()
     if not args.json:
         mib = 1 / 2**20
@@ -66,3 +97,69 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(summary))
     return 0
+
+
+# -- distributed runs ---------------------------------------------------------------------------------
+def _world():
+    import os
+
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    from layerpipe.engine.dist_comm import World
+
+    return World.from_env()
+
+
+def _launch(args: argparse.Namespace, config, run_dir: Path) -> int:
+    """`--nproc K`: start K processes of this command and wait; one line if a stage fails."""
+    import os
+    import sys
+
+    from layerpipe.engine.distributed import check_stage_count
+    from layerpipe.errors import LayerpipeError
+    from layerpipe.launch import WORKER_ARGS_ENV, launch
+    from layerpipe.train import parse_stages
+
+    check_stage_count(parse_stages(config.stages), args.nproc)
+    worker_args = {k: v for k, v in vars(args).items() if k != "run"}
+    worker_args["run_dir"] = str(run_dir)  # one folder for all, chosen here
+    env = dict(os.environ, **{WORKER_ARGS_ENV: json.dumps(worker_args)})
+    result = launch([sys.executable, "-m", "layerpipe.launch"], args.nproc, env=env)
+    if result.returncode:
+        raise LayerpipeError(result.message)
+    return 0
+
+
+def _leave(exc: BaseException, rank0: bool) -> None:
+    """A stage process failed: report one line (to the launcher, or on stderr from rank 0 and
+    from the stage where it started) and leave at once: exiting closes this process's
+    sockets, which tells its neighbours without waiting for a timeout."""
+    import sys
+
+    from layerpipe.engine.dist_comm import StageFailure
+    from layerpipe.errors import LayerpipeError
+    from layerpipe.launch import report_failure
+
+    if isinstance(exc, KeyboardInterrupt):
+        _leave_now(None, code=130)
+    message = str(exc) if isinstance(exc, LayerpipeError) else f"{type(exc).__name__}: {exc}"
+    local = not isinstance(exc, StageFailure) or exc.local
+    if not report_failure(message) and (rank0 or local):
+        print(f"layerpipe train: error: {message}", file=sys.stderr)
+    _leave_now(None, code=2)
+
+
+def _leave_now(message: str | None, code: int = 2) -> None:
+    import logging
+    import os
+    import sys
+
+    if message is not None:  # the monitor thread gave up waiting for the compute thread
+        from layerpipe.launch import report_failure
+
+        if not report_failure(message):
+            print(f"layerpipe train: error: {message}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

@@ -1,0 +1,313 @@
+"""Throughput of the distributed runtime against plain training and torch's own 1F1B pipeline.
+
+    .venv/bin/python benchmarks/distributed_throughput.py                 # the recorded run
+    .venv/bin/python benchmarks/distributed_throughput.py --quick         # a short smoke run
+    .venv/bin/python benchmarks/distributed_throughput.py --save          # + benchmarks/results/distributed-<date>.md
+
+Side by side in one run, each measurement in a fresh process (or two), every worker on one
+thread (`torch.set_num_threads(1)`): the CPU stand-in for one device per stage. One model, one
+microbatch size, samples per second of
+
+  (a) plain PyTorch training (forward, backward, SGD step per microbatch), 1 thread; and,
+      for the record, 2 threads
+  (b) the single-process layerpipe engine (`Pipeline`, 2 stages), 1 thread
+  (c) the distributed runtime, 2 processes (`--nproc 2`): `StageWorker` over gloo
+  (d) `torch.distributed.pipelining` `PipelineStage` + `Schedule1F1B`, 2 processes, gloo, the
+      same two stages and microbatch size, M = 4 and 8 microbatches per step (a flush per
+      step: bubble (K-1)/(M+K-1))
+
+Rounds interleave the measurements (a b c d, a b c d, ...) and the table shows medians, so
+that drift of a shared machine hits every row alike. (c) counts whole epochs, the drain of
+2 ticks included; (d) whole steps, flush included; (a) and (b) whole epochs too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent
+
+
+# -- the workload ----------------------------------------------------------------------------------
+def make_model(width: int, layers: int, in_features: int = 256, classes: int = 10):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    mods = [nn.Linear(in_features, width), nn.ReLU()]
+    for _ in range(layers):
+        mods += [nn.Linear(width, width), nn.ReLU()]
+    mods += [nn.Linear(width, classes)]
+    return nn.Sequential(*mods)
+
+
+def make_data(n: int, in_features: int = 256, classes: int = 10):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, in_features, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def optimizer(params):
+    import torch
+
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+
+
+def two_stage_split(model) -> list[int]:
+    from layerpipe.engine.single import plan_stages
+
+    return plan_stages(model, 2, "stash", "layerpipe")[0]
+
+
+# -- workers (each in its own process) -----------------------------------------------------------------
+def run_plain(cfg: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(cfg["threads"])
+    model = make_model(cfg["width"], cfg["layers"])
+    opt = optimizer(model.parameters())
+    n, b = cfg["microbatches"], cfg["batch"]
+    x, y = make_data(n * b)
+
+    def epoch(count: int) -> None:
+        for i in range(count):
+            xb, yb = x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+
+    epoch(cfg["warmup"])
+    t = time.perf_counter()
+    epoch(n)
+    return {"seconds": time.perf_counter() - t, "samples": n * b}
+
+
+def run_engine(cfg: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from layerpipe import Pipeline
+
+    torch.set_num_threads(1)
+    model = make_model(cfg["width"], cfg["layers"])
+    pipe = Pipeline(model, stages=2, weights=cfg["weights"], optimizer=optimizer, loss_fn=F.cross_entropy)
+    n, b = cfg["microbatches"], cfg["batch"]
+    x, y = make_data(n * b)
+
+    def epoch(count: int) -> None:
+        for i in range(count):
+            pipe.step(x[i * b:(i + 1) * b], y[i * b:(i + 1) * b])
+        pipe.flush()
+
+    epoch(cfg["warmup"])
+    t = time.perf_counter()
+    epoch(n)
+    return {"seconds": time.perf_counter() - t, "samples": n * b}
+
+
+def run_distributed(cfg: dict) -> dict | None:
+    import torch
+    import torch.nn.functional as F
+
+    from layerpipe.engine.dist_comm import Comm, World
+    from layerpipe.engine.distributed import StageWorker
+
+    torch.set_num_threads(1)
+    comm = Comm(World.from_env(), timeout=120)
+    model = make_model(cfg["width"], cfg["layers"])
+    n, b = cfg["microbatches"], cfg["batch"]
+    x, y = make_data(n * b)
+    worker = StageWorker(comm, model, stages=2, weights=cfg["weights"], optimizer=optimizer,
+                         loss_fn=F.cross_entropy, sample=x[:2])
+    order = [torch.arange(i * b, (i + 1) * b) for i in range(n)]
+    worker.run_epoch(x, y, order[: cfg["warmup"]])
+    comm.barrier()
+    t = time.perf_counter()
+    worker.run_epoch(x, y, order)  # stage 0 applies the epoch's last gradient: it ends last
+    seconds = time.perf_counter() - t
+    comm.close()
+    return {"seconds": seconds, "samples": n * b} if comm.rank == 0 else None
+
+
+def run_pippy(cfg: dict) -> dict | None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    torch.set_num_threads(1)
+    if os.environ.get("LAYERPIPE_STORE_HOSTED") == "1":  # our launcher hosts the store, as torchrun's agent would
+        os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank = dist.get_rank()
+    model = make_model(cfg["width"], cfg["layers"])
+    sizes = two_stage_split(model)
+    a = sum(sizes[:rank])
+    module = model[a:a + sizes[rank]]
+    opt = optimizer(module.parameters())
+    stage = PipelineStage(module, rank, 2, torch.device("cpu"))
+    m, b = cfg["pippy_m"], cfg["batch"]
+    schedule = Schedule1F1B(stage, n_microbatches=m, loss_fn=F.cross_entropy)
+    steps = max(1, cfg["microbatches"] // m)
+    x, y = make_data(steps * m * b)
+
+    def step(i: int) -> None:
+        xb, yb = x[i * m * b:(i + 1) * m * b], y[i * m * b:(i + 1) * m * b]
+        if rank == 0:
+            schedule.step(xb)
+        else:
+            schedule.step(target=yb, losses=[])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(max(1, cfg["warmup"] // m)):
+        step(i % steps)
+    dist.barrier()
+    t = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    dist.barrier()  # the last stage's step ends after stage 0's: wait for both
+    seconds = time.perf_counter() - t
+    dist.destroy_process_group()
+    return {"seconds": seconds, "samples": steps * m * b} if rank == 0 else None
+
+
+WORKERS = {"plain": run_plain, "engine": run_engine, "distributed": run_distributed, "pippy": run_pippy}
+
+
+def worker_main(kind: str, cfg_json: str, out: str) -> None:
+    result = WORKERS[kind](json.loads(cfg_json))
+    if result is not None:
+        Path(out).write_text(json.dumps(result))
+
+
+# -- the driver ------------------------------------------------------------------------------------------
+def measure(kind: str, cfg: dict, nproc: int = 1) -> float:
+    """Samples per second of one measurement, in fresh processes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(HERE), "--worker", kind, json.dumps(cfg), str(out)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(cfg.get("threads", 1)))
+        if cfg.get("malloc"):
+            env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
+        if nproc == 1:
+            subprocess.run(cmd, check=True, env=env)
+        else:
+            from layerpipe.launch import launch
+
+            result = launch(cmd, nproc, env=env, threads_per_process=1)
+            if result.returncode:
+                raise SystemExit(f"{kind}: {result.message}")
+        r = json.loads(out.read_text())
+    return r["samples"] / r["seconds"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8, help="hidden width x width layers (default 8)")
+    p.add_argument("--batch", type=int, default=128, help="microbatch size (default 128)")
+    p.add_argument("--microbatches", type=int, default=48, help="microbatches per timed epoch (default 48)")
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--weights", default="stash,ema", help="strategies for (b) and (c) (default stash,ema)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="small and short: a smoke test")
+    p.add_argument("--no-malloc-rows", dest="malloc_rows", action="store_false",
+                   help="skip the rows with glibc malloc tuned (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_)")
+    p.add_argument("--save", action="store_true", help="write benchmarks/results/distributed-<date>.md")
+    p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker_main(*args.worker)
+        return 0
+    if args.quick:
+        args.width, args.layers, args.batch, args.microbatches, args.warmup, args.rounds = 256, 4, 32, 16, 4, 1
+    base = dict(width=args.width, layers=args.layers, batch=args.batch, microbatches=args.microbatches,
+                warmup=args.warmup, threads=1)
+    strategies = [w for w in args.weights.split(",") if w]
+    rows: dict[str, tuple[str, str, int, dict]] = {
+        "a1": ("(a) plain training, 1 thread", "plain", 1, dict(base)),
+        "a2": ("(a) plain training, 2 threads (for the record)", "plain", 1, dict(base, threads=2)),
+    }
+    for w in strategies:
+        rows[f"b-{w}"] = (f"(b) layerpipe engine, 1 process, weights={w}", "engine", 1, dict(base, weights=w))
+    for w in strategies:
+        rows[f"c-{w}"] = (f"(c) distributed runtime, 2 processes, weights={w}", "distributed", 2, dict(base, weights=w))
+    for m in (4, 8):
+        rows[f"d{m}"] = (f"(d) torch pipelining Schedule1F1B, 2 processes, M={m}", "pippy", 2, dict(base, pippy_m=m))
+    if args.malloc_rows:  # what limits ema: fresh large allocations page-fault (glibc returns them to the OS)
+        rows["a1-malloc"] = ("(a) plain training, 1 thread, glibc malloc tuned*", "plain", 1, dict(base, malloc=True))
+        for w in strategies:
+            rows[f"c-{w}-malloc"] = (f"(c) distributed runtime, 2 processes, weights={w}, glibc malloc tuned*",
+                                     "distributed", 2, dict(base, weights=w, malloc=True))
+    samples: dict[str, list[float]] = {key: [] for key in rows}
+    for r in range(args.rounds):
+        for key, (label, kind, nproc, cfg) in rows.items():
+            sps = measure(kind, cfg, nproc)
+            samples[key].append(sps)
+            print(f"round {r + 1}/{args.rounds}  {label}: {sps:.1f} samples/s", file=sys.stderr, flush=True)
+    report = render(args, rows, samples, strategies)
+    print(report)
+    if args.save:
+        import datetime as _dt
+
+        path = ROOT / "benchmarks" / "results" / f"distributed-{_dt.date.today().isoformat()}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report)
+        print(f"saved {path}", file=sys.stderr)
+    return 0
+
+
+def render(args, rows, samples, strategies) -> str:
+    from layerpipe.report.records import environment
+
+    env = environment()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    a1 = med["a1"]
+    d_best = max(med["d4"], med["d8"])
+    lines = [
+        "# Distributed runtime throughput (2 stages, one core per stage)",
+        "",
+        f"- date: {env['date']}; commit: {env['commit']}; torch {env['torch']}; Python {env['python']}",
+        f"- machine: {env['processor']}, {env['cpus']} CPUs; every worker on 1 thread (a2: 2 threads)",
+        f"- model: MLP 256 -> {args.width} x {args.layers} layers (ReLU) -> 10, "
+        f"{sum(p.numel() for p in make_model(args.width, args.layers).parameters()) / 1e6:.2f} M parameters, "
+        f"split {two_stage_split(make_model(args.width, args.layers))} layers; SGD momentum 0.9",
+        f"- microbatch {args.batch}; {args.microbatches} microbatches per timed epoch after {args.warmup} warm-up; "
+        f"median of {args.rounds} interleaved rounds",
+        f"- command: `.venv/bin/python benchmarks/distributed_throughput.py"
+        f"{' --quick' if args.quick else ''} --rounds {args.rounds} --save`",
+        "",
+        "| configuration | samples/s | vs (a) 1 thread | vs best (d) | rounds |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for key, (label, *_rest) in rows.items():
+        lines.append(f"| {label} | {med[key]:.1f} | {med[key] / a1:.2f}x | {med[key] / d_best:.2f}x | "
+                     f"{', '.join(f'{v:.0f}' for v in samples[key])} |")
+    lines += ["", "Targets: (c) >= 1.6x (a) (the limit is 2x); (c) >= 1.1x (d). Ratios against the untuned rows."]
+    for w in strategies:
+        c = med[f"c-{w}"]
+        lines.append(f"- weights={w}: (c)/(a) = {c / a1:.2f}x ({'met' if c / a1 >= 1.6 else 'NOT met'}); "
+                     f"(c)/(d, M=4) = {c / med['d4']:.2f}x, (c)/(d, M=8) = {c / med['d8']:.2f}x "
+                     f"({'met' if c / d_best >= 1.1 else 'NOT met'} against the better (d))")
+    if args.malloc_rows:
+        lines += ["", "*glibc malloc tuned: MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=1 GiB, so freed large blocks "
+                  "stay in the heap instead of going back to the OS and page-faulting again when reallocated "
+                  "(shown for the record: what limits a strategy that allocates a copy of the weights per update)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

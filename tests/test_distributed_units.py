@@ -153,7 +153,7 @@ def test_one_process_world_equals_the_single_process_engine(weights, tmp_path):
     from types import SimpleNamespace
 
     from layerpipe.engine.distributed import train_distributed
-    from layerpipe.train import TrainConfig, epoch_order, evaluate
+    from layerpipe.train import TrainConfig, epoch_lr, epoch_order, evaluate, set_lr
 
     def make():
         torch.manual_seed(0)
@@ -175,6 +175,7 @@ def test_one_process_world_equals_the_single_process_engine(weights, tmp_path):
     pipe = Pipeline(model, stages=1, weights=weights, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
                     loss_fn=F.cross_entropy)
     for epoch in range(2):
+        set_lr([s.optimizer for s in pipe.stages], epoch_lr(config, epoch))  # cosine: 0.1, then 0.05
         for idx in epoch_order(50, 8, 0, epoch):
             pipe.step(data.x_train[idx], data.y_train[idx])
         pipe.flush()

@@ -37,7 +37,7 @@ LR_SCHEDULES = ("cosine", "constant")
 # (threads: torch intra-op threads; 1 for the small models, whose kernels are too small to
 # split and which slow down up to 5x on 2 threads when another process shares the cores)
 RECIPES: dict[str, dict[str, Any]] = {
-    "mlp": dict(epochs=20, batch_size=64, optimizer="sgd", lr=0.05, threads=1),
+    "mlp": dict(epochs=40, batch_size=64, optimizer="adam", lr=1e-3, threads=1),
     "cnn1d": dict(epochs=60, batch_size=64, optimizer="adam", lr=2e-3, threads=1),
     "resnet18": dict(epochs=5, batch_size=64, optimizer="sgd", lr=0.05, threads=0),
     "snn": dict(epochs=15, batch_size=64, optimizer="adam", lr=3e-3, threads=1),

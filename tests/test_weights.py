@@ -85,3 +85,15 @@ def test_momentum_needs_sgd_with_momentum():
     with pytest.raises(LayerpipeError, match="SGD with momentum"):
         Pipeline(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), stages=2, weights="momentum",
                  optimizer=lambda ps: torch.optim.Adam(ps))
+
+
+@pytest.mark.parametrize("name", ["stash", "ema", "latest", "extrapolate", "weight-ema", "momentum", "probe"])
+def test_stage_without_parameters(name):
+    """A stage holding only an activation (a model split into its layers) has nothing to keep."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    pipe = Pipeline(model, stages=[1, 1, 1], weights=name, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    for _ in range(8):
+        pipe.step(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    pipe.flush()
+    assert pipe.stages[1].strategy.history_bytes() == 0

@@ -30,7 +30,7 @@ class UpdateEMA(WeightStrategy):
         self.alpha = alpha if alpha is not None else 2.0 / (delay + 1)
         self.steps = 0  # updates folded into the average, for bias correction
         # a stage whose backward runs in the tick of its forward (d = 0) never needs history
-        self._avg = FlatBuffer(self.params, zero=True) if delay > 0 else None
+        self._avg = FlatBuffer(self.params, zero=True) if delay > 0 and self.params else None
         self._before: list[Tensor] | None = None
 
     def backward_weights(self, version: int) -> list[Tensor]:

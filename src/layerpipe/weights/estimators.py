@@ -25,7 +25,7 @@ class WeightEMA(WeightStrategy):
         super().__init__(params, delay, optimizer)
         self.decay = decay
         self._avg: FlatBuffer | None = None
-        if delay > 0:
+        if delay > 0 and self.params:
             self._avg = FlatBuffer(self.params)
             self._avg.copy_from(self.params)
 
@@ -59,7 +59,7 @@ class Extrapolate(WeightStrategy):
 
     def __init__(self, params, delay, optimizer=None) -> None:
         super().__init__(params, delay, optimizer)
-        self._last = FlatBuffer(self.params, zero=True) if delay > 0 else None
+        self._last = FlatBuffer(self.params, zero=True) if delay > 0 and self.params else None
         self._before: list[Tensor] | None = None
 
     def backward_weights(self, version: int) -> list[Tensor]:
@@ -98,7 +98,7 @@ class MomentumReuse(WeightStrategy):
 
     def __init__(self, params, delay, optimizer=None) -> None:
         super().__init__(params, delay, optimizer)
-        if delay > 0 and not _is_sgd_with_momentum(optimizer):
+        if delay > 0 and self.params and not _is_sgd_with_momentum(optimizer):
             raise LayerpipeError("weights 'momentum' needs torch.optim.SGD with momentum > 0")
 
     def backward_weights(self, version: int) -> list[Tensor]:

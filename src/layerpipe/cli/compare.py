@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         results[(stages, w, seed)] = entry
         if w == "sync":
             sync_cache[seed] = entry
+        # after every run, so that a crash or an interrupt loses nothing finished
+        atomic_write_bytes(out / "partial.json", json.dumps([{"key": list(k), **v} for k, v in results.items()]).encode())
 
     rows, panels = [], {}
     for stages in args.stages:
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         {"environment": env, "command": command, "runs": [{"key": list(k), **v} for k, v in results.items()]}, indent=1
     ).encode())
     learning_curves(panels, out / "curves.png")
+    (out / "partial.json").unlink(missing_ok=True)
     print(table)
     print(f"\nwrote {out / 'results.md'}, {out / 'curves.png'}, {out / 'results.json'}")
     return 0

@@ -1,0 +1,26 @@
+"""`layerpipe compare` end to end on a tiny task."""
+from __future__ import annotations
+
+import json
+
+from layerpipe.cli.main import main
+
+
+def test_compare_writes_table_plot_and_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LAYERPIPE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--model", "mlp", "--dataset", "digits", "--samples", "300", "--epochs", "1",
+               "--weights", "sync,stash,ema", "--seeds", "0,1", "--stages", "2", "all", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    md = (out / "results.md").read_text()
+    assert md.count("| sync |") == 2 and md.count("| ema |") == 2  # one row per depth
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["runs"]) == 2 * 3 * 2  # depths x strategies x seeds (sync reused)
+    stash = [r for r in data["runs"] if r["weights"] == "stash" and r["key"][0] == "2"]  # steady state in 5 ticks
+    assert all(r["weight_history_bytes"] == r["stash_bytes"] for r in stash)
+    assert (out / "curves.png").stat().st_size > 1000 and not (out / "partial.json").exists()
+
+
+def test_compare_rejects_bad_strategy_before_running(capsys, tmp_path):
+    rc = main(["compare", "--weights", "sync,nope", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert rc == 2 and "unknown weight strategy" in capsys.readouterr().err

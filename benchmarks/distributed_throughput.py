@@ -16,8 +16,11 @@ microbatch size, samples per second of
       same two stages and microbatch size, M = 4 and 8 microbatches per step (a flush per
       step: bubble (K-1)/(M+K-1))
 
-Rounds interleave the measurements (a b c d, a b c d, ...) and the table shows medians, so
-that drift of a shared machine hits every row alike. (c) counts whole epochs, the drain of
+Rounds interleave the measurements (a b c d, a b c d, ...), so that drift hits every row
+alike. The machine may be shared: each measurement also records how much CPU other processes
+took while it was timed (/proc/stat minus the workers' own CPU time), and the table uses the
+clean rounds only (others under 10% of the machine); `--clean N` keeps going until every row
+has N of them. (c) counts whole epochs, the drain of
 2 ticks included; (d) whole steps, flush included; (a) and (b) whole epochs too.
 """
 from __future__ import annotations
@@ -25,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+#: a measurement is clean when other processes used at most this share of the machine
+CLEAN = 0.10
 ROOT = HERE.parent.parent
 
 
@@ -57,9 +61,11 @@ def make_data(n: int, in_features: int = 256, classes: int = 10):
 
 
 def optimizer(params):
+    """SGD with momentum, the fused kernel (the same algorithm, about half the time of the
+    default per-tensor loop on this CPU), for every row alike."""
     import torch
 
-    return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=True)
 
 
 def two_stage_split(model) -> list[int]:
@@ -87,9 +93,9 @@ def run_plain(cfg: dict) -> dict:
             opt.step()
 
     epoch(cfg["warmup"])
-    t = time.perf_counter()
+    clock = Clock()
     epoch(n)
-    return {"seconds": time.perf_counter() - t, "samples": n * b}
+    return clock.result(n * b)
 
 
 def run_engine(cfg: dict) -> dict:
@@ -110,9 +116,9 @@ def run_engine(cfg: dict) -> dict:
         pipe.flush()
 
     epoch(cfg["warmup"])
-    t = time.perf_counter()
+    clock = Clock()
     epoch(n)
-    return {"seconds": time.perf_counter() - t, "samples": n * b}
+    return clock.result(n * b)
 
 
 def run_distributed(cfg: dict) -> dict | None:
@@ -132,11 +138,11 @@ def run_distributed(cfg: dict) -> dict | None:
     order = [torch.arange(i * b, (i + 1) * b) for i in range(n)]
     worker.run_epoch(x, y, order[: cfg["warmup"]])
     comm.barrier()
-    t = time.perf_counter()
+    clock = Clock()
     worker.run_epoch(x, y, order)  # stage 0 applies the epoch's last gradient: it ends last
-    seconds = time.perf_counter() - t
+    result = clock.result(n * b)
     comm.close()
-    return {"seconds": seconds, "samples": n * b} if comm.rank == 0 else None
+    return result
 
 
 def run_pippy(cfg: dict) -> dict | None:
@@ -175,36 +181,83 @@ def run_pippy(cfg: dict) -> dict | None:
     for i in range(max(1, cfg["warmup"] // m)):
         step(i % steps)
     dist.barrier()
-    t = time.perf_counter()
+    clock = Clock()
     for i in range(steps):
         step(i)
     dist.barrier()  # the last stage's step ends after stage 0's: wait for both
-    seconds = time.perf_counter() - t
+    result = clock.result(steps * m * b)
     dist.destroy_process_group()
-    return {"seconds": seconds, "samples": steps * m * b} if rank == 0 else None
+    return result
 
 
 def run_plain_pair(cfg: dict) -> dict:
     """Plain training in each of two independent processes at once: what two cores give
     when nothing is shared but the memory system (the practical ceiling of 2 stages)."""
-    result = run_plain(cfg)
-    result["rank"] = int(os.environ["RANK"])
-    return result
+    return run_plain(cfg)
 
 
 WORKERS = {"plain": run_plain, "plain2": run_plain_pair, "engine": run_engine, "distributed": run_distributed,
            "pippy": run_pippy}
 
 
+class Clock:
+    """The timed window of a worker: wall seconds, and this process's CPU seconds in it."""
+
+    def __init__(self) -> None:
+        self.t0, self.p0, self.c0 = time.time(), time.perf_counter(), time.process_time()
+
+    def result(self, samples: int) -> dict:
+        return {"samples": samples, "seconds": time.perf_counter() - self.p0, "t0": self.t0, "t1": time.time(),
+                "cpu": time.process_time() - self.c0}
+
+
 def worker_main(kind: str, cfg_json: str, out: str) -> None:
     result = WORKERS[kind](json.loads(cfg_json))
-    if result is not None:
-        Path(out if kind != "plain2" else f"{out}.{result['rank']}").write_text(json.dumps(result))
+    Path(f"{out}.{os.environ.get('RANK', '0')}").write_text(json.dumps(result))
 
 
 # -- the driver ------------------------------------------------------------------------------------------
-def measure(kind: str, cfg: dict, nproc: int = 1) -> float:
-    """Samples per second of one measurement, in fresh processes."""
+class CpuSampler:
+    """/proc/stat every 50 ms: how busy the whole machine was in a time window."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _busy(self) -> float:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return (sum(v) - v[3] - v[4]) / self._tick  # all but idle and iowait, in CPU seconds
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append((time.time(), self._busy()))
+
+    def busy(self, t0: float, t1: float) -> float:
+        """CPU seconds the machine spent busy between t0 and t1 (interpolated)."""
+        import bisect
+
+        times = [t for t, _ in self.samples]
+
+        def at(t: float) -> float:
+            i = min(max(bisect.bisect_left(times, t), 1), len(times) - 1)
+            (ta, ba), (tb, bb) = self.samples[i - 1], self.samples[i]
+            return ba + (bb - ba) * (t - ta) / max(tb - ta, 1e-9)
+
+        return at(t1) - at(t0)
+
+
+SAMPLER: CpuSampler | None = None
+
+
+def measure(kind: str, cfg: dict, nproc: int = 1) -> tuple[float, float]:
+    """(samples per second, load of other processes in the timed window as a fraction of
+    the machine) of one measurement, in fresh processes."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, str(HERE), "--worker", kind, json.dumps(cfg), str(out)]
@@ -221,11 +274,15 @@ def measure(kind: str, cfg: dict, nproc: int = 1) -> float:
             result = launch(cmd, nproc, env=env, threads_per_process=1, malloc_tuning=False)
             if result.returncode:
                 raise SystemExit(f"{kind}: {result.message}")
-        if kind == "plain2":
-            return sum(json.loads(Path(f"{out}.{r}").read_text())["samples"] / json.loads(Path(f"{out}.{r}").read_text())["seconds"]
-                       for r in range(nproc))
-        r = json.loads(out.read_text())
-    return r["samples"] / r["seconds"]
+        rs = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(nproc)]
+    if kind == "plain2":  # two independent runs: their throughputs add up
+        sps = sum(r["samples"] / r["seconds"] for r in rs)
+    else:
+        sps = rs[0]["samples"] / rs[0]["seconds"]
+    t0, t1 = min(r["t0"] for r in rs), max(r["t1"] for r in rs)
+    time.sleep(0.1)  # let the sampler pass t1
+    others = SAMPLER.busy(t0, t1) - sum(r["cpu"] for r in rs)
+    return sps, max(0.0, others / ((os.cpu_count() or 1) * (t1 - t0)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--microbatches", type=int, default=48, help="microbatches per timed epoch (default 48)")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--weights", default="stash,ema", help="strategies for (b) and (c) (default stash,ema)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="rounds at most (default 3)")
+    p.add_argument("--clean", type=int, default=0,
+                   help="stop once every row has this many clean rounds (other processes below 10%% of the machine)")
     p.add_argument("--quick", action="store_true", help="small and short: a smoke test")
     p.add_argument("--no-malloc-rows", dest="malloc_rows", action="store_false",
                    help="skip the second table (glibc malloc tuned as the --nproc launcher does)")
@@ -269,12 +328,17 @@ def main(argv: list[str] | None = None) -> int:
         for m in (4, 8):
             rows[f"d{m}{t}"] = (f"(d) torch pipelining Schedule1F1B, 2 processes, M={m}", "pippy", 2,
                                 dict(cfg, pippy_m=m))
-    samples: dict[str, list[float]] = {key: [] for key in rows}
+    global SAMPLER
+    SAMPLER = CpuSampler()
+    samples: dict[str, list[tuple[float, float]]] = {key: [] for key in rows}
     for r in range(args.rounds):
         for key, (label, kind, nproc, cfg) in rows.items():
-            sps = measure(kind, cfg, nproc)
-            samples[key].append(sps)
-            print(f"round {r + 1}/{args.rounds}  {label}: {sps:.1f} samples/s", file=sys.stderr, flush=True)
+            sps, others = measure(kind, cfg, nproc)
+            samples[key].append((sps, others))
+            print(f"round {r + 1}/{args.rounds}  {label}: {sps:.1f} samples/s (other load {100 * others:.0f}%)",
+                  file=sys.stderr, flush=True)
+        if args.clean and all(sum(o <= CLEAN for _, o in v) >= args.clean for v in samples.values()):
+            break
     report = render(args, rows, samples, strategies)
     print(report)
     if args.save:
@@ -291,7 +355,13 @@ def render(args, rows, samples, strategies) -> str:
     from layerpipe.report.records import environment
 
     env = environment()
-    med = {k: statistics.median(v) for k, v in samples.items()}
+    # per row: the median of its clean rounds (other processes under 10% of the machine while
+    # it was timed); a row without any clean round shows its best round, marked "!"
+    med, flag = {}, {}
+    for k, v in samples.items():
+        clean = sorted(sps for sps, o in v if o <= CLEAN)
+        med[k] = clean[len(clean) // 2] if clean else max(sps for sps, _ in v)
+        flag[k] = "" if clean else " !"
     lines = [
         "# Distributed runtime throughput (2 stages, one core per stage)",
         "",
@@ -299,10 +369,11 @@ def render(args, rows, samples, strategies) -> str:
         f"- machine: {env['processor']}, {env['cpus']} CPUs (KVM guest); every worker on 1 thread (a2: 2 threads)",
         f"- model: MLP 256 -> {args.width} x {args.layers} layers (ReLU) -> 10, "
         f"{sum(p.numel() for p in make_model(args.width, args.layers).parameters()) / 1e6:.2f} M parameters, "
-        f"split {two_stage_split(make_model(args.width, args.layers))} layers; SGD momentum 0.9, an update per "
+        f"split {two_stage_split(make_model(args.width, args.layers))} layers; SGD momentum 0.9 (fused), an update per "
         f"microbatch in (a), (b), (c), per step of M microbatches in (d)",
         f"- microbatch {args.batch}; {args.microbatches} microbatches per timed epoch after {args.warmup} warm-up; "
-        f"median of {args.rounds} interleaved rounds (all rounds listed)",
+        f"median of the clean rounds of each row: rounds in which other processes used under {100 * CLEAN:.0f}% of "
+        f"the machine (read from /proc/stat); ! marks a row without a clean round (its best round shown)",
         f"- command: `.venv/bin/python benchmarks/distributed_throughput.py"
         f"{' --quick' if args.quick else ''} --rounds {args.rounds} --save`",
     ]
@@ -314,12 +385,13 @@ def render(args, rows, samples, strategies) -> str:
         a1 = med[f"a1{t}"]
         d_best = max(med[f"d4{t}"], med[f"d8{t}"])
         lines += ["", f"## {title}", "",
-                  "| configuration | samples/s | vs (a) 1 thread | vs best (d) | rounds |", "|---|---:|---:|---:|---|"]
+                  "| configuration | samples/s | vs (a) 1 thread | vs best (d) | rounds: samples/s (other load) |",
+                  "|---|---:|---:|---:|---|"]
         for key, (label, *_rest) in rows.items():
             if (key.endswith("-malloc")) != bool(t):
                 continue
-            lines.append(f"| {label} | {med[key]:.1f} | {med[key] / a1:.2f}x | {med[key] / d_best:.2f}x | "
-                         f"{', '.join(f'{v:.0f}' for v in samples[key])} |")
+            lines.append(f"| {label} | {med[key]:.1f}{flag[key]} | {med[key] / a1:.2f}x | {med[key] / d_best:.2f}x | "
+                         f"{', '.join(f'{v:.0f} ({100 * o:.0f}%)' for v, o in samples[key])} |")
         lines += ["", "Targets: (c) >= 1.6x (a) (the limit is 2x); (c) >= 1.1x (d)."]
         for w in strategies:
             c = med[f"c-{w}{t}"]

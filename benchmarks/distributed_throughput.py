@@ -17,10 +17,9 @@ microbatch size, samples per second of
       step: bubble (K-1)/(M+K-1))
 
 Rounds interleave the measurements (a b c d, a b c d, ...), so that drift hits every row
-alike. The machine may be shared: each measurement also records how much CPU other processes
-took while it was timed (/proc/stat minus the workers' own CPU time), and the table uses the
-clean rounds only (others under 10% of the machine); `--clean N` keeps going until every row
-has N of them. (c) counts whole epochs, the drain of
+alike. The machine may be shared: each worker also records how long its compute thread sat
+ready to run but off the CPU (Linux schedstat), and the table uses the clean rounds only (at
+most 5% of the timed window); `--clean N` keeps going until every row has N of them. (c) counts whole epochs, the drain of
 2 ticks included; (d) whole steps, flush included; (a) and (b) whole epochs too.
 """
 from __future__ import annotations
@@ -35,8 +34,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-#: a measurement is clean when other processes used at most this share of the machine
-CLEAN = 0.10
+#: a measurement is clean when no worker's compute thread waited for a CPU longer than this
+#: share of the timed window (other processes on the machine took it)
+CLEAN = 0.05
 ROOT = HERE.parent.parent
 
 
@@ -200,15 +200,25 @@ WORKERS = {"plain": run_plain, "plain2": run_plain_pair, "engine": run_engine, "
            "pippy": run_pippy}
 
 
+def run_queue_wait() -> float:
+    """Seconds the compute thread has spent ready to run but waiting for a CPU (Linux
+    schedstat): the time other processes took from it. 0 where schedstat is missing."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class Clock:
-    """The timed window of a worker: wall seconds, and this process's CPU seconds in it."""
+    """The timed window of a worker: wall seconds, and how long its compute thread waited
+    for a CPU in it (waiting for a message is not counted: the thread sleeps then)."""
 
     def __init__(self) -> None:
-        self.t0, self.p0, self.c0 = time.time(), time.perf_counter(), time.process_time()
+        self.p0, self.w0 = time.perf_counter(), run_queue_wait()
 
     def result(self, samples: int) -> dict:
-        return {"samples": samples, "seconds": time.perf_counter() - self.p0, "t0": self.t0, "t1": time.time(),
-                "cpu": time.process_time() - self.c0}
+        return {"samples": samples, "seconds": time.perf_counter() - self.p0, "preempted": run_queue_wait() - self.w0}
 
 
 def worker_main(kind: str, cfg_json: str, out: str) -> None:
@@ -217,47 +227,9 @@ def worker_main(kind: str, cfg_json: str, out: str) -> None:
 
 
 # -- the driver ------------------------------------------------------------------------------------------
-class CpuSampler:
-    """/proc/stat every 50 ms: how busy the whole machine was in a time window."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._tick = os.sysconf("SC_CLK_TCK")
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _busy(self) -> float:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return (sum(v) - v[3] - v[4]) / self._tick  # all but idle and iowait, in CPU seconds
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.05):
-            self.samples.append((time.time(), self._busy()))
-
-    def busy(self, t0: float, t1: float) -> float:
-        """CPU seconds the machine spent busy between t0 and t1 (interpolated)."""
-        import bisect
-
-        times = [t for t, _ in self.samples]
-
-        def at(t: float) -> float:
-            i = min(max(bisect.bisect_left(times, t), 1), len(times) - 1)
-            (ta, ba), (tb, bb) = self.samples[i - 1], self.samples[i]
-            return ba + (bb - ba) * (t - ta) / max(tb - ta, 1e-9)
-
-        return at(t1) - at(t0)
-
-
-SAMPLER: CpuSampler | None = None
-
-
 def measure(kind: str, cfg: dict, nproc: int = 1) -> tuple[float, float]:
-    """(samples per second, load of other processes in the timed window as a fraction of
-    the machine) of one measurement, in fresh processes."""
+    """(samples per second, largest share of the timed window a worker's compute thread
+    spent waiting for a CPU) of one measurement, in fresh processes."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, str(HERE), "--worker", kind, json.dumps(cfg), str(out)]
@@ -279,10 +251,7 @@ def measure(kind: str, cfg: dict, nproc: int = 1) -> tuple[float, float]:
         sps = sum(r["samples"] / r["seconds"] for r in rs)
     else:
         sps = rs[0]["samples"] / rs[0]["seconds"]
-    t0, t1 = min(r["t0"] for r in rs), max(r["t1"] for r in rs)
-    time.sleep(0.1)  # let the sampler pass t1
-    others = SAMPLER.busy(t0, t1) - sum(r["cpu"] for r in rs)
-    return sps, max(0.0, others / ((os.cpu_count() or 1) * (t1 - t0)))
+    return sps, max(r["preempted"] / r["seconds"] for r in rs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="stash,ema", help="strategies for (b) and (c) (default stash,ema)")
     p.add_argument("--rounds", type=int, default=3, help="rounds at most (default 3)")
     p.add_argument("--clean", type=int, default=0,
-                   help="stop once every row has this many clean rounds (other processes below 10%% of the machine)")
+                   help="stop once every row has this many clean rounds (no compute thread preempted over 5%% of the time)")
     p.add_argument("--quick", action="store_true", help="small and short: a smoke test")
     p.add_argument("--no-malloc-rows", dest="malloc_rows", action="store_false",
                    help="skip the second table (glibc malloc tuned as the --nproc launcher does)")
@@ -328,14 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         for m in (4, 8):
             rows[f"d{m}{t}"] = (f"(d) torch pipelining Schedule1F1B, 2 processes, M={m}", "pippy", 2,
                                 dict(cfg, pippy_m=m))
-    global SAMPLER
-    SAMPLER = CpuSampler()
     samples: dict[str, list[tuple[float, float]]] = {key: [] for key in rows}
     for r in range(args.rounds):
         for key, (label, kind, nproc, cfg) in rows.items():
             sps, others = measure(kind, cfg, nproc)
             samples[key].append((sps, others))
-            print(f"round {r + 1}/{args.rounds}  {label}: {sps:.1f} samples/s (other load {100 * others:.0f}%)",
+            print(f"round {r + 1}/{args.rounds}  {label}: {sps:.1f} samples/s (preempted {100 * others:.0f}%)",
                   file=sys.stderr, flush=True)
         if args.clean and all(sum(o <= CLEAN for _, o in v) >= args.clean for v in samples.values()):
             break
@@ -355,8 +322,9 @@ def render(args, rows, samples, strategies) -> str:
     from layerpipe.report.records import environment
 
     env = environment()
-    # per row: the median of its clean rounds (other processes under 10% of the machine while
-    # it was timed); a row without any clean round shows its best round, marked "!"
+    # per row: the median of its clean rounds (no compute thread kept off a CPU by other
+    # processes more than 5% of the timed window); a row without a clean round shows its
+    # best round, marked "!"
     med, flag = {}, {}
     for k, v in samples.items():
         clean = sorted(sps for sps, o in v if o <= CLEAN)
@@ -372,8 +340,9 @@ def render(args, rows, samples, strategies) -> str:
         f"split {two_stage_split(make_model(args.width, args.layers))} layers; SGD momentum 0.9 (fused), an update per "
         f"microbatch in (a), (b), (c), per step of M microbatches in (d)",
         f"- microbatch {args.batch}; {args.microbatches} microbatches per timed epoch after {args.warmup} warm-up; "
-        f"median of the clean rounds of each row: rounds in which other processes used under {100 * CLEAN:.0f}% of "
-        f"the machine (read from /proc/stat); ! marks a row without a clean round (its best round shown)",
+        f"median of the clean rounds of each row: rounds in which no worker's compute thread waited for a CPU "
+        f"more than {100 * CLEAN:.0f}% of the timed window (Linux schedstat run-queue wait: other processes on the "
+        f"machine); ! marks a row without a clean round (its best round shown)",
         f"- command: `.venv/bin/python benchmarks/distributed_throughput.py"
         f"{' --quick' if args.quick else ''} --rounds {args.rounds} --save`",
     ]
@@ -385,7 +354,7 @@ def render(args, rows, samples, strategies) -> str:
         a1 = med[f"a1{t}"]
         d_best = max(med[f"d4{t}"], med[f"d8{t}"])
         lines += ["", f"## {title}", "",
-                  "| configuration | samples/s | vs (a) 1 thread | vs best (d) | rounds: samples/s (other load) |",
+                  "| configuration | samples/s | vs (a) 1 thread | vs best (d) | rounds: samples/s (preempted) |",
                   "|---|---:|---:|---:|---|"]
         for key, (label, *_rest) in rows.items():
             if (key.endswith("-malloc")) != bool(t):

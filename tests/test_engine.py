@@ -167,3 +167,25 @@ def test_nan_loss_stops_training():
     with pytest.raises(TrainingDiverged, match="nan"):
         for _ in range(3):
             pipe.step(x, torch.zeros(4, dtype=torch.long))
+
+
+def test_transformer_stash_matches_reference():
+    """Attention and 3-D linear layers save transposed views of weights: still exact."""
+    from layerpipe.data import loss_fn
+    from layerpipe.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("gpt", n_layer=2, d_model=32, n_head=2, input_shape=(16,)).double()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 256, (4, 17), generator=g) for _ in range(8)]
+    batches = [(s[:, :-1], s[:, 1:]) for s in seqs]
+    loss, opt = loss_fn("language"), (lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+    start = copy.deepcopy(model)
+    ref_model, ref_losses = delayed_sgd(model, [1, 1, 1, 1], [6, 4, 2, 0], batches, opt, loss)
+    pipe = Pipeline(model, stages=[1, 1, 1, 1], weights="stash", optimizer=opt, loss_fn=loss)
+    for x, y in batches:
+        pipe.step(x, y)
+    pipe.flush()
+    for p, q, p0 in zip(model.parameters(), ref_model.parameters(), start.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    assert any(not torch.equal(p, p0) for p, p0 in zip(model.parameters(), start.parameters()))

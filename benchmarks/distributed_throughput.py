@@ -344,7 +344,7 @@ def render(args, rows, samples, strategies) -> str:
         f"more than {100 * CLEAN:.0f}% of the timed window (Linux schedstat run-queue wait: other processes on the "
         f"machine); ! marks a row without a clean round (its best round shown)",
         f"- command: `.venv/bin/python benchmarks/distributed_throughput.py"
-        f"{' --quick' if args.quick else ''} --rounds {args.rounds} --save`",
+        f"{' --quick' if args.quick else ''} --rounds {args.rounds}{f' --clean {args.clean}' if args.clean else ''} --save`",
     ]
     blocks = [("", "glibc malloc defaults")]
     if args.malloc_rows:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from layerpipe.errors import LayerpipeError
-from layerpipe.plan import SCHEDULES, stage_delays
+from layerpipe.plan import SCHEDULES, parse_stages, stage_delays
 from layerpipe.weights import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -100,24 +100,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def parse_stages(text: str | int | None) -> int | list[int] | None:
-    """'4' -> 4 balanced stages, '2,1,3,1' -> layers per stage, 'all' -> one layer per stage."""
-    if text is None or isinstance(text, int):
-        return text
-    text = str(text).strip()
-    if text in ("all", "layer", "each"):
-        return None
-    try:
-        parts = [int(p) for p in text.split(",")]
-    except ValueError:
-        raise LayerpipeError(f"--stages must be K, a list like 2,1,3,1, or 'all'; got {text!r}") from None
-    if len(parts) == 1 and "," not in text:
-        if parts[0] < 1:
-            raise LayerpipeError(f"--stages must be at least 1, got {parts[0]}")
-        return parts[0]
-    return parts
 
 
 def split_blocks(model: nn.Sequential) -> nn.Sequential:
@@ -320,18 +302,8 @@ def train(
         peak_history = max(peak_history, pipe.weight_history_bytes())
         seconds = time.perf_counter() - epoch_start
         test_loss, test_acc = evaluate(model, data.x_test, data.y_test, loss)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": float(torch.stack(losses).mean()) if losses else float("nan"),
-            "test_loss": test_loss,
-            "test_accuracy": test_acc,
-            "seconds": seconds,
-            "weight_history_bytes": peak_history,
-        }
-        result.history.append(record)
-        if metrics:
-            metrics.write(record)
-        log.info("epoch %d: %s", epoch + 1, record)
+        train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+        record = record_epoch(result, metrics, epoch, train_loss, test_loss, test_acc, seconds, peak_history)
         if checkpoint and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
             atomic_torch_save(
                 {"config": config.to_dict(), "epoch": epoch + 1, "history": result.history,
@@ -352,6 +324,25 @@ def train(
     if save:
         atomic_torch_save(model.state_dict(), save)
     return result
+
+
+def record_epoch(result: TrainResult, metrics, epoch: int, train_loss: float, test_loss: float,
+                 test_accuracy: float, seconds: float, weight_history_bytes: int) -> dict[str, Any]:
+    """The per-epoch record (one JSON line), appended to the result and the metrics log;
+    both engines write it through here."""
+    record = {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "test_loss": test_loss,
+        "test_accuracy": test_accuracy,
+        "seconds": seconds,
+        "weight_history_bytes": weight_history_bytes,
+    }
+    result.history.append(record)
+    if metrics:
+        metrics.write(record)
+    log.info("epoch %d: %s", epoch + 1, record)
+    return record
 
 
 def _ticks(pipe, x: Tensor, y: Tensor, order: list[Tensor], progress: bool, desc: str) -> Iterator[tuple[int, Any]]:

@@ -21,6 +21,7 @@ from typing import Any
 from layerpipe.errors import LayerpipeError, PlanError
 from layerpipe.plan.costs import BALANCE_MODES
 from layerpipe.plan.delays import SCHEDULES
+from layerpipe.plan.partition import parse_stages
 from layerpipe.plan.planner import STRATEGIES, Plan, make_plan, parse_int_list
 from layerpipe.plan.retiming import RetimingReport, verify_delays
 from layerpipe.schedule import build_schedule, format_grid, save_png
@@ -75,17 +76,6 @@ def _positive_int(text: str, what: str) -> int:
     if value < 1:
         raise PlanError(f"{what} must be a positive integer, got {text!r}")
     return value
-
-
-def _parse_stages(text: str | None) -> int | list[int] | None:
-    if text is None:
-        return None
-    values = parse_int_list(text, "--stages")
-    if "," not in text:
-        if values[0] < 1:
-            raise PlanError(f"--stages must be a positive number of stages, got {text!r}")
-        return values[0]
-    return values
 
 
 def _default_model() -> str:
@@ -188,10 +178,10 @@ def run(args: argparse.Namespace) -> int:
         raise LayerpipeError(f"cannot write {args.png}: no such directory")
     if args.model is None and args.layers is None:
         source: str | int = _default_model()
-        stages = _parse_stages(args.stages) if args.stages is not None else DEFAULT_STAGES
+        stages = parse_stages(args.stages) if args.stages is not None else DEFAULT_STAGES
     else:
         source = args.model if args.model is not None else _positive_int(args.layers, "--layers")
-        stages = _parse_stages(args.stages)
+        stages = parse_stages(args.stages)
     delays = parse_int_list(args.delays, "--delays") if args.delays is not None else None
     given_mb = _positive_int(args.microbatches, "--microbatches") if args.microbatches is not None else None
     plan = make_plan(source, stages, args.schedule, balance=args.balance, delays=delays)

@@ -481,7 +481,9 @@ def train_distributed(
 
     from layerpipe.report.records import MetricsLog, atomic_torch_save
     from layerpipe.plan import stage_delays
-    from layerpipe.train import TrainResult, build, epoch_lr, epoch_order, make_optimizer_factory, parse_stages, set_lr
+    from layerpipe.train import (
+        TrainResult, build, epoch_lr, epoch_order, make_optimizer_factory, parse_stages, record_epoch, set_lr,
+    )
 
     world = world or World.from_env() or World()
     start = time.perf_counter()
@@ -558,18 +560,8 @@ def train_distributed(
             stats = worker.epoch_stats(losses, test)
             if rank == 0:
                 peak_history = max(peak_history, stats.weight_history_bytes)
-                record = {
-                    "epoch": epoch + 1,
-                    "train_loss": stats.train_loss,
-                    "test_loss": stats.test_loss,
-                    "test_accuracy": stats.test_accuracy,
-                    "seconds": seconds,
-                    "weight_history_bytes": peak_history,
-                }
-                result.history.append(record)
-                if metrics:
-                    metrics.write(record)
-                log.info("epoch %d: %s", epoch + 1, record)
+                record_epoch(result, metrics, epoch, stats.train_loss, stats.test_loss, stats.test_accuracy,
+                             seconds, peak_history)
             if run_path and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
                 save_checkpoint(comm, run_path, epoch + 1, {
                     "format": "layerpipe-distributed-stage/1", "config": config.to_dict(), "epoch": epoch + 1,

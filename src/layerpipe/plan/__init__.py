@@ -12,7 +12,7 @@ Pure Python: torch is imported only to read a model or time its layers.
 """
 from layerpipe.plan.delays import SCHEDULES, downstream_stages, layer_delays, stage_delays
 from layerpipe.plan.layers import LayerInfo, describe_layers
-from layerpipe.plan.partition import balanced_partition, resolve_partition
+from layerpipe.plan.partition import balanced_partition, parse_stages, resolve_partition
 from layerpipe.plan.planner import LayerPlan, Plan, StagePlan, history_bytes, make_plan
 from layerpipe.plan.retiming import RetimingReport, ShortLoop, verify_delays
 
@@ -25,6 +25,7 @@ __all__ = [
     "ShortLoop",
     "StagePlan",
     "balanced_partition",
+    "parse_stages",
     "describe_layers",
     "downstream_stages",
     "history_bytes",

@@ -65,6 +65,24 @@ def stage_costs(costs: Sequence[float], sizes: Sequence[int]) -> list[float]:
     return out
 
 
+def parse_stages(text: str | int | None) -> int | list[int] | None:
+    """'4' -> 4 balanced stages, '2,1,3,1' -> layers per stage, 'all' -> one layer per stage."""
+    if text is None or isinstance(text, int):
+        return text
+    text = str(text).strip()
+    if text in ("all", "layer", "each"):
+        return None
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise PlanError(f"--stages must be integers separated by commas (layers per stage), one integer K, or 'all'; got {text!r}") from None
+    if "," not in text:
+        if parts[0] < 1:
+            raise PlanError(f"--stages must be a positive number of stages, got {text!r}")
+        return parts[0]
+    return parts
+
+
 def balanced_partition(costs: Sequence[float], num_stages: int) -> list[int]:
     """Split layers with the given costs into `num_stages` contiguous stages.
 

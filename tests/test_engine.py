@@ -113,6 +113,22 @@ def test_conv_and_batchnorm_model_matches_reference():
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
+def test_spiking_network_matches_reference():
+    """A custom autograd.Function (surrogate spike) and BatchNorm over T*B frames, Adam."""
+    from layerpipe.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("snn", time_steps=3).double()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(6, 40, generator=g, dtype=torch.float64), torch.randint(0, 10, (6,), generator=g)) for _ in range(8)]
+    adam = lambda ps: torch.optim.Adam(ps, lr=3e-3)  # noqa: E731
+    ref_model, ref_losses = delayed_sgd(model, [2, 2, 1], [4, 2, 0], batches, adam, F.cross_entropy)
+    _, losses = run_pipeline(model, batches, stages=[2, 2, 1], weights="stash", optimizer=adam)
+    assert losses == pytest.approx(ref_losses, rel=1e-10)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
 def test_tick_semantics_staleness_and_draining():
     model, batches = make_model(), make_batches(n=10)
     pipe = Pipeline(model, stages=[1, 3, 2, 1], weights="stash", optimizer=SGD_MOMENTUM)

@@ -172,8 +172,19 @@ def test_snn_gradient_flows_through_the_surrogate_to_the_first_layer():
     assert spikes.shape == (4, 8, 32, 40)  # (T, B, C, L)
     assert set(torch.unique(spikes).tolist()) <= {0.0, 1.0}
     F.cross_entropy(model(x), torch.arange(8) % 10).backward()
-    encoder_grad = model[0].conv.weight.grad
+    encoder_grad = model[0].conv[0].weight.grad
     assert encoder_grad is not None and encoder_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["cnn1d", "snn"])
+def test_norm_option_adds_one_batchnorm_per_convolution(name):
+    def count(model, kind):
+        return sum(isinstance(m, kind) for m in model.modules())
+
+    with_norm, without = build_model(name), build_model(name, norm=False)
+    assert count(with_norm, nn.BatchNorm1d) == count(with_norm, nn.Conv1d) == 4
+    assert count(without, nn.BatchNorm1d) == 0 and count(without, nn.Conv1d) == 4
+    assert without(example_input(name, 2)).shape == (2, 10)
 
 
 def test_snn_time_steps_option():
@@ -187,7 +198,7 @@ def test_snn_works_under_functional_call():
     params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
     out = torch.func.functional_call(model, params, (example_input("snn", 2),))
     out.sum().backward()
-    assert params["0.conv.weight"].grad is not None
+    assert params["0.conv.0.weight"].grad is not None
 
 
 # ---- transformer ------------------------------------------------------------------------

@@ -38,9 +38,9 @@ LR_SCHEDULES = ("cosine", "constant")
 # split and which slow down up to 5x on 2 threads when another process shares the cores)
 RECIPES: dict[str, dict[str, Any]] = {
     "mlp": dict(epochs=40, batch_size=64, optimizer="adam", lr=1e-3, threads=1),
-    "cnn1d": dict(epochs=60, batch_size=64, optimizer="adam", lr=2e-3, threads=1),
+    "cnn1d": dict(epochs=30, batch_size=64, optimizer="adam", lr=2e-3, threads=1),
     "resnet18": dict(epochs=5, batch_size=64, optimizer="sgd", lr=0.05, threads=0),
-    "snn": dict(epochs=15, batch_size=64, optimizer="adam", lr=3e-3, threads=1),
+    "snn": dict(epochs=25, batch_size=64, optimizer="adam", lr=3e-3, threads=1),
     "gpt": dict(epochs=2, batch_size=16, optimizer="adamw", lr=1e-3, threads=0),
 }
 _FALLBACK_RECIPE = dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3, threads=0)

@@ -10,9 +10,9 @@ stages is a valid pipeline.
 | name     | default dataset | input (one sample)   | blocks | parameters (defaults) |
 |----------|-----------------|----------------------|--------|-----------------------|
 | mlp      | mnist1d         | (40,) float          | 5      | 210,442               |
-| cnn1d    | mnist1d         | (40,) or (1, 40)     | 5      | 25,066                |
+| cnn1d    | mnist1d         | (40,) or (1, 40)     | 5      | 25,450                |
 | resnet18 | cifar100        | (3, 32, 32)          | 10     | 11,220,132            |
-| snn      | mnist1d         | (40,) or (1, 40)     | 5      | 25,066                |
+| snn      | mnist1d         | (40,) or (1, 40)     | 5      | 25,450                |
 | gpt      | text            | (128,) int64 bytes   | 6      | 875,264               |
 
 `num_classes` and `input_shape` default to the default dataset's; other keyword arguments go

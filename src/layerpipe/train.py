@@ -347,9 +347,11 @@ def record_epoch(result: TrainResult, metrics, epoch: int, train_loss: float, te
 
 def _ticks(pipe, x: Tensor, y: Tensor, order: list[Tensor], progress: bool, desc: str) -> Iterator[tuple[int, Any]]:
     """Feed one epoch into the pipeline, then drain it; yields (microbatch, TickInfo)."""
-    from tqdm.auto import tqdm
+    bar: Iterable[Tensor] = order
+    if progress:  # tqdm only when shown: headless runs (benchmarks/gpu_check.py) need torch and numpy only
+        from tqdm.auto import tqdm
 
-    bar = tqdm(order, desc=desc, disable=not progress, leave=False, unit="mb", dynamic_ncols=True)
+        bar = tqdm(order, desc=desc, leave=False, unit="mb", dynamic_ncols=True)
     for i, idx in enumerate(bar):
         yield i, pipe.step(x[idx], y[idx])
     for info in pipe.flush():

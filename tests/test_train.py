@@ -103,9 +103,29 @@ def test_resume_equals_uninterrupted(tmp_path, weights):
         (["--model", "nope"], "unknown model"),
         (["--epochs", "0"], "at least 1"),
         (["--resume"], "--resume"),
+        (["--model-option", "norm"], "KEY=VALUE"),
+        (["--model-option", "depth=3"], "has no option depth; its options: channels, stem_kernel, norm"),
     ],
 )
 def test_cli_bad_input_one_line(capsys, argv, message):
     rc = main(["train", "--samples", "600", "--epochs", "1", "--no-progress"] + argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and message in err[0], err
+
+
+def test_parse_model_options():
+    from layerpipe.cli.common import parse_model_options
+
+    assert parse_model_options(["norm=false", "time_steps=8", "channels=(16, 32)", "beta=0.5", "act=gelu"]) == {
+        "norm": False, "time_steps": 8, "channels": (16, 32), "beta": 0.5, "act": "gelu"}
+
+
+def test_model_option_reaches_the_builder(capsys, tmp_path):
+    rc = main(["train", "--samples", "600", "--epochs", "1", "--stages", "2", "--json", "--no-progress",
+               "--model-option", "norm=false", "--model-option", "channels=(8, 8)", "--run-dir", str(tmp_path / "run")])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # stem conv 8*1*5+8, one stride-2 conv 8*8*3+8, head 8*20*10+10; no BatchNorm parameters
+    assert out["parameter_bytes"] == 4 * (48 + 200 + 1610)
+    header = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert header["config"]["model_options"] == {"norm": False, "channels": [8, 8]}

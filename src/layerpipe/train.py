@@ -77,6 +77,8 @@ class TrainConfig:
     #: dataset size (MNIST-1D: total samples generated); None: the dataset's default
     samples: int | None = None
     data_dir: str | None = None
+    #: keyword options of the model's builder, e.g. {"norm": False}
+    model_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         recipe = RECIPES.get(self.model, _FALLBACK_RECIPE)
@@ -212,7 +214,8 @@ def build(config: TrainConfig):
         config.dataset = default_dataset(config.model)
     data = load_dataset(config.dataset, data_dir=config.data_dir, samples=config.samples, seed=config.data_seed)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, num_classes=data.num_classes, input_shape=tuple(data.input_shape))
+    model = build_model(config.model, num_classes=data.num_classes, input_shape=tuple(data.input_shape),
+                        **config.model_options)
     stages = parse_stages(config.stages)
     wanted = stages if isinstance(stages, int) else len(stages) if stages else 0
     if wanted > len(model):
@@ -364,7 +367,7 @@ def _load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
     except Exception as exc:  # a truncated or foreign file
         raise LayerpipeError(f"cannot read checkpoint {path}: {exc}") from None
     saved = dict(state.get("config", {}))
-    for key in ("model", "dataset", "stages", "weights", "schedule", "seed", "batch_size"):
+    for key in ("model", "model_options", "dataset", "stages", "weights", "schedule", "seed", "batch_size"):
         if saved.get(key) != getattr(config, key):
             raise LayerpipeError(f"checkpoint {path} was made with {key}={saved.get(key)!r}, not {getattr(config, key)!r}")
     return state

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import ast
+from typing import Any
 
+from layerpipe.errors import LayerpipeError
 from layerpipe.plan import SCHEDULES
 from layerpipe.train import OPTIMIZERS, TrainConfig
 from layerpipe.weights import STRATEGIES
@@ -13,6 +16,9 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
     from layerpipe.models import MODEL_NAMES
 
     p.add_argument("--model", default="cnn1d", help=f"model from the zoo: {', '.join(MODEL_NAMES)} (default: cnn1d)")
+    p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the model's builder, repeatable: e.g. norm=false (cnn1d, snn), time_steps=8 (snn), "
+                        "n_layer=6 (gpt); an unknown key lists the model's options")
     p.add_argument("--dataset", default=None, help="dataset (default: the model's own, e.g. mnist1d for cnn1d)")
     p.add_argument("--data-dir", default=None, help="folder holding downloaded datasets (CIFAR python-pickle folders)")
     p.add_argument("--samples", type=int, default=None, help="dataset size (MNIST-1D: total samples generated)")
@@ -45,10 +51,29 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=getattr(args, "seed", 0), device=args.device,
-        threads=args.threads,
+        threads=args.threads, model_options=parse_model_options(args.model_option),
     )
     fields.update(overrides)
     return TrainConfig(**fields)
+
+
+def parse_model_options(items: list[str]) -> dict[str, Any]:
+    """["norm=false", "channels=(16, 32)"] -> {"norm": False, "channels": (16, 32)}."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise LayerpipeError(f"--model-option needs KEY=VALUE, got {item!r}")
+        text = text.strip()
+        if text.lower() in ("true", "false"):
+            value: Any = text.lower() == "true"
+        else:
+            try:
+                value = ast.literal_eval(text)  # numbers, tuples, quoted strings
+            except (ValueError, SyntaxError):
+                value = text  # a bare word is a string
+        options[key.strip()] = value
+    return options
 
 
 STRATEGY_HELP = (

@@ -10,9 +10,12 @@ def test_compare_writes_table_plot_and_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LAYERPIPE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "cmp"
     rc = main(["compare", "--model", "mlp", "--dataset", "digits", "--samples", "300", "--epochs", "1",
-               "--weights", "sync,stash,ema", "--seeds", "0,1", "--stages", "2", "all", "--out", str(out), "--no-progress"])
+               "--weights", "sync,stash,ema", "--seeds", "0,1", "--stages", "2", "all", "--out", str(out), "--no-progress",
+               "--schedule", "pipedream", "--model-option", "hidden=(32,)"])
     assert rc == 0
     md = (out / "results.md").read_text()
+    # the command shown reruns the same thing: non-default flags and model options included
+    assert "--schedule pipedream" in md and "--model-option hidden=(32,)" in md and "--lr-schedule" not in md
     assert md.count("| sync |") == 2 and md.count("| ema |") == 2  # one row per depth
     data = json.loads((out / "results.json").read_text())
     assert len(data["runs"]) == 2 * 3 * 2  # depths x strategies x seeds (sync reused)

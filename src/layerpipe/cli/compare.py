@@ -33,6 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+#: flags shown in the results' command only when they differ from their defaults
+NON_DEFAULT_FLAGS = {"schedule": "layerpipe", "lr_schedule": "cosine", "warmup_epochs": 0, "momentum": 0.9,
+                     "weight_decay": 0.0, "data_seed": 42}
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -52,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         config_from_args(args, stages=stages, weights=w, seed=seed)
     out = Path(args.out or f"runs/compare-{_dt.datetime.now():%Y%m%d-%H%M%S}-{args.model}")
     out.mkdir(parents=True, exist_ok=True)
+    env = environment()  # now: the commit and date of the code that runs, not of the end
 
     results: dict[tuple[str, str, int], dict] = {}
     sync_cache: dict[int, dict] = {}
@@ -88,12 +94,14 @@ def run(args: argparse.Namespace) -> int:
             panel[w] = [[h["test_accuracy"] for h in r["history"]] for r in runs]
         panels[f"K = {len(ref['stages']) if ref else stages}"] = panel
     table = comparison_table(rows)
-    env = environment()
     first = next(iter(results.values()))
     command = "layerpipe compare " + " ".join(
         [f"--model {args.model}", f"--weights {args.weights}", f"--seeds {args.seeds}", "--stages " + " ".join(args.stages)]
         + [f"--{k.replace('_', '-')} {v}" for k in ("dataset", "samples", "epochs", "batch_size", "optimizer", "lr")
            if (v := getattr(args, k)) is not None]
+        + [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, default in NON_DEFAULT_FLAGS.items()
+           if getattr(args, k) != default]
+        + [f"--model-option {item}" for item in args.model_option]
     )
     md = (
         f"# {args.model} on {first['dataset']}: weight strategies compared\n\n"

@@ -27,3 +27,20 @@ def test_compare_writes_table_plot_and_json(tmp_path, monkeypatch, capsys):
 def test_compare_rejects_bad_strategy_before_running(capsys, tmp_path):
     rc = main(["compare", "--weights", "sync,nope", "--out", str(tmp_path / "x"), "--no-progress"])
     assert rc == 2 and "unknown weight strategy" in capsys.readouterr().err
+
+
+def test_parallel_jobs_give_the_same_numbers(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERPIPE_CACHE", str(tmp_path / "cache"))
+    common = ["compare", "--model", "mlp", "--dataset", "digits", "--samples", "300", "--epochs", "1",
+              "--weights", "sync,ema", "--seeds", "0,1", "--stages", "2", "3", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert main(common + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["runs"] for d in ("one", "two"))
+    assert [r["key"] for r in one] == [r["key"] for r in two]
+    assert [r["test_accuracy"] for r in one] == [r["test_accuracy"] for r in two]
+    assert [r["history"][-1]["train_loss"] for r in one] == [r["history"][-1]["train_loss"] for r in two]
+
+
+def test_compare_rejects_zero_jobs(capsys, tmp_path):
+    rc = main(["compare", "--jobs", "0", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert rc == 2 and "--jobs" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -1,6 +1,7 @@
 """`layerpipe compare`: one task under several weight strategies, seeds and depths.
 
-Runs every (stages, weights, seed) combination in this process, one after another, and
+Runs every (stages, weights, seed) combination, one after another in this process or, with
+--jobs N, N at a time in worker processes (same numbers: every run is seeded), and
 writes DIR/results.md (a Markdown table: test accuracy mean and spread, weight-history
 bytes as a multiple of |W|, time per epoch), DIR/curves.png (learning curves, one panel per
 depth) and DIR/results.json (every run's summary and per-epoch history). `sync` does not
@@ -30,7 +31,42 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stages", nargs="+", default=["4"],
                    help="depths to sweep, each as for train: K, a list like 2,1,3,1, or 'all' (default 4)")
     p.add_argument("--out", default=None, help="output folder (default runs/compare-<time>-<model>)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, each in its own process (default 1); with --threads, jobs x threads "
+                        "should not exceed the cores")
     p.set_defaults(run=run)
+
+
+def _train_entry(config_fields: dict) -> dict:
+    """One run of the sweep (module level so that a worker process can run it)."""
+    from layerpipe.train import TrainConfig, train
+
+    r = train(TrainConfig(**config_fields), progress=False)
+    return {**r.summary(), "history": r.history}
+
+
+def _run_all(jobs: dict[tuple[str, str, int], dict], workers: int, bar, on_done) -> None:
+    """Run every config in `jobs`, calling on_done(key, entry) as each one finishes."""
+    if workers <= 1:
+        for key, fields in jobs.items():
+            bar.set_postfix_str(f"stages={key[0]} weights={key[1]} seed={key[2]}")
+            on_done(key, _train_entry(fields))
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    # spawn, not fork: a forked child of a process with torch's thread pools can hang
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(_train_entry, fields): key for key, fields in jobs.items()}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                key = pending.pop(future)
+                if future.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise future.exception()
+                on_done(key, future.result())
 
 
 #: flags shown in the results' command only when they differ from their defaults
@@ -45,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
     from layerpipe.report.plots import learning_curves
     from layerpipe.report.records import atomic_write_bytes, environment
     from layerpipe.report.tables import comparison_table
-    from layerpipe.train import train
 
     strategies = [w.strip() for w in args.weights.split(",") if w.strip()]
     try:
@@ -55,26 +90,32 @@ def run(args: argparse.Namespace) -> int:
     configs = [(stages, w, seed) for stages in args.stages for w in strategies for seed in seeds]
     for stages, w, seed in configs:  # validate everything before the first long run
         config_from_args(args, stages=stages, weights=w, seed=seed)
+    if args.jobs < 1:
+        raise LayerpipeError(f"--jobs must be at least 1, got {args.jobs}")
     out = Path(args.out or f"runs/compare-{_dt.datetime.now():%Y%m%d-%H%M%S}-{args.model}")
     out.mkdir(parents=True, exist_ok=True)
     env = environment()  # now: the commit and date of the code that runs, not of the end
 
-    results: dict[tuple[str, str, int], dict] = {}
-    sync_cache: dict[int, dict] = {}
-    bar = tqdm(configs, desc="compare", unit="run", disable=args.no_progress, dynamic_ncols=True)
-    for stages, w, seed in bar:
-        bar.set_postfix_str(f"stages={stages} weights={w} seed={seed}")
-        if w == "sync" and seed in sync_cache:
-            results[(stages, w, seed)] = sync_cache[seed]
-            continue
-        config = config_from_args(args, stages=stages, weights=w, seed=seed)
-        r = train(config, progress=False)
-        entry = {**r.summary(), "history": r.history}
-        results[(stages, w, seed)] = entry
-        if w == "sync":
-            sync_cache[seed] = entry
+    # sync does not depend on the partition: one run per seed, shown at every depth
+    jobs: dict[tuple[str, str, int], dict] = {}
+    for stages, w, seed in configs:
+        key = (args.stages[0], w, seed) if w == "sync" else (stages, w, seed)
+        jobs.setdefault(key, config_from_args(args, stages=stages, weights=w, seed=seed).to_dict())
+    finished: dict[tuple[str, str, int], dict] = {}
+    bar = tqdm(total=len(jobs), desc="compare", unit="run", disable=args.no_progress, dynamic_ncols=True)
+
+    def on_done(key: tuple[str, str, int], entry: dict) -> None:
+        finished[key] = entry
+        bar.update()
         # after every run, so that a crash or an interrupt loses nothing finished
-        atomic_write_bytes(out / "partial.json", json.dumps([{"key": list(k), **v} for k, v in results.items()]).encode())
+        atomic_write_bytes(out / "partial.json", json.dumps([{"key": list(k), **v} for k, v in finished.items()]).encode())
+
+    try:
+        _run_all(jobs, args.jobs, bar, on_done)
+    finally:
+        bar.close()
+    results = {(stages, w, seed): finished[(args.stages[0], w, seed) if w == "sync" else (stages, w, seed)]
+               for stages, w, seed in configs}
 
     rows, panels = [], {}
     for stages in args.stages:

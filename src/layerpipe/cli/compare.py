@@ -53,13 +53,13 @@ def _run_all(jobs: dict[tuple[str, str, int], dict], workers: int, bar, on_done)
             on_done(key, _train_entry(fields))
         return
     import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     # spawn, not fork: a forked child of a process with torch's thread pools can hang
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = {pool.submit(_train_entry, fields): key for key, fields in jobs.items()}
         while pending:
-            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)  # record each run as it ends
             for future in done:
                 key = pending.pop(future)
                 if future.exception() is not None:

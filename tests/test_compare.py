@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from layerpipe.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_compare_writes_table_plot_and_json(tmp_path, monkeypatch, capsys):
@@ -22,6 +27,13 @@ def test_compare_writes_table_plot_and_json(tmp_path, monkeypatch, capsys):
     stash = [r for r in data["runs"] if r["weights"] == "stash" and r["key"][0] == "2"]  # steady state in 5 ticks
     assert all(r["weight_history_bytes"] == r["stash_bytes"] for r in stash)
     assert (out / "curves.png").stat().st_size > 1000 and not (out / "partial.json").exists()
+    # the cross-task summary reads the same file: one row per depth, paired ema - stash from the runs
+    summary = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "results_summary.py"), str(out)],
+                             capture_output=True, text=True, check=True).stdout.splitlines()[2:]
+    assert len(summary) == 2
+    by_key = {tuple(r["key"]): r["test_accuracy"] for r in data["runs"]}
+    paired = [100 * (by_key[("2", "ema", s)] - by_key[("2", "stash", s)]) for s in (0, 1)]
+    assert f"{sum(paired) / 2:+.2f} ± " in summary[0]
 
 
 def test_compare_rejects_bad_strategy_before_running(capsys, tmp_path):

@@ -1,0 +1,66 @@
+"""One table across `layerpipe compare` result folders: accuracy per strategy and depth, the
+paired ema - stash difference, and the weight history each holds.
+
+    .venv/bin/python benchmarks/results_summary.py docs/results/cnn1d-mnist1d docs/results/snn-mnist1d ...
+
+Reads each folder's results.json (written by `layerpipe compare`); nothing is retrained.
+"ema - stash" pairs the runs of the same seed (same data order and initialisation) and gives
+the mean difference and its standard error over seeds; "vs sync" is the mean accuracy minus
+sync's, the quantity the issue-5 targets bound (within 0.5 and 1 point).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return statistics.mean(values), se
+
+
+def summarize(folder: Path) -> list[str]:
+    data = json.loads((folder / "results.json").read_text())
+    runs = {tuple(r["key"]): r for r in data["runs"]}
+    depths = list(dict.fromkeys(k[0] for k in runs))
+    rows = []
+    for depth in depths:
+        seeds = sorted({k[2] for k in runs if k[0] == depth})
+        acc = {w: [100 * runs[(depth, w, s)]["test_accuracy"] for s in seeds]
+               for w in ("sync", "stash", "ema", "latest") if (depth, w, seeds[0]) in runs}
+        if not {"sync", "stash", "ema"} <= set(acc):
+            continue
+        piped = runs[(depth, "stash", seeds[0])]
+        diff, se = mean_se([e - s for e, s in zip(acc["ema"], acc["stash"])])
+        sync = statistics.mean(acc["sync"])
+        bytes_of = {w: max(runs[(depth, w, s)]["weight_history_bytes"] for s in seeds) / piped["parameter_bytes"]
+                    for w in ("stash", "ema")}
+        means = " | ".join(f"{statistics.mean(acc[w]):.2f}" if w in acc else "-" for w in ("sync", "stash", "ema", "latest"))
+        rows.append(
+            f"| {folder.name} | {len(piped['stages'])} | {','.join(map(str, piped['delays']))} | {len(seeds)} | {means} | "
+            f"{diff:+.2f} ± {se:.2f} | {statistics.mean(acc['stash']) - sync:+.2f} / {statistics.mean(acc['ema']) - sync:+.2f} | "
+            f"{bytes_of['ema']:.2f} / {bytes_of['stash']:.2f} |"
+        )
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folders", nargs="+", type=Path, help="folders written by `layerpipe compare --out`")
+    args = p.parse_args()
+    print("| results | K | delays | seeds | sync | stash | ema | latest | ema - stash (paired, ± se) "
+          "| stash / ema vs sync | history ema / stash (x \\|W\\|) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for folder in args.folders:
+        if not (folder / "results.json").is_file():
+            print(f"results_summary: no results.json in {folder}", file=sys.stderr)
+            return 2
+        print("\n".join(summarize(folder)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

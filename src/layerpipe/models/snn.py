@@ -16,8 +16,9 @@ next one, so any contiguous split into stages is valid:
 BatchNorm over all T*B frames (`norm=True`, the default; tdBN of Zheng et al. 2021 without
 its threshold scaling) keeps every layer's input currents at a fixed scale, so that firing
 rates survive weight updates. This is what makes the network trainable with stale
-gradients: with the recipe of `layerpipe.train.RECIPES` cut to 15 epochs (seed 0) exact
-stashing at 4 stages reached 88.6% with it and 53.6% without (sync: 91.7% and 90.4%).
+gradients: with the recipe of `layerpipe.train.RECIPES` (Adam lr 3e-3, 25 epochs; seeds
+0-2, docs/results.md) exact stashing at 4 stages reaches 93.1% with it and 73.7% without,
+while sync training loses a little to it (92.7% with, 94.0% without).
 
 LIF neuron, per step t:  v <- beta * v + I_t;  s_t = H(v - threshold);  v <- v - s_t * threshold
 (soft reset). H has zero derivative almost everywhere, so backward uses the arctan surrogate

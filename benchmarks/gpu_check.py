@@ -1,6 +1,6 @@
 """GPU check (issue 5): the engine on CUDA, every weight strategy, in one short script.
 
-    PYTHONPATH=src python3 benchmarks/gpu_check.py --out DIR          # on a CUDA machine
+    python3 benchmarks/gpu_check.py --out DIR                          # on a CUDA machine
     .venv/bin/python benchmarks/gpu_check.py --quick --out /tmp/gpu    # CPU smoke test
 
 Part 1: ResNet-18 (CIFAR form, 100 classes, 11.2 M parameters) on CIFAR-shaped random data
@@ -14,7 +14,9 @@ sources at 4 stages (delays 6,4,2,0): validation loss after the same training un
 stash and ema (`layerpipe.train.train`, the library's own loop).
 
 Writes DIR/gpu-check.json (every number, the machine, versions, date, commit) and
-DIR/gpu-check.md. Needs only torch and numpy (no tqdm, matplotlib or dataset downloads).
+DIR/gpu-check.md. Needs only torch and numpy (no tqdm, matplotlib, scikit-learn or
+mnist1d; checked by running --quick with those imports blocked), and runs from a checkout
+without installing the package (it puts src/ on the path itself).
 On an H200 the defaults take about 3-5 minutes.
 """
 from __future__ import annotations

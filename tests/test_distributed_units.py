@@ -175,7 +175,7 @@ def test_one_process_world_equals_the_single_process_engine(weights, tmp_path):
     pipe = Pipeline(model, stages=1, weights=weights, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
                     loss_fn=F.cross_entropy)
     for epoch in range(2):
-        set_lr([s.optimizer for s in pipe.stages], epoch_lr(config, epoch))  # cosine: 0.1, then 0.05
+        set_lr([s.optimizer for s in pipe.stages], pipe.delays, epoch_lr(config, epoch), config.stage_lr)  # cosine: 0.1, then 0.05
         for idx in epoch_order(50, 8, 0, epoch):
             pipe.step(data.x_train[idx], data.y_train[idx])
         pipe.flush()

@@ -129,3 +129,28 @@ def test_model_option_reaches_the_builder(capsys, tmp_path):
     assert out["parameter_bytes"] == 4 * (48 + 200 + 1610)
     header = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert header["config"]["model_options"] == {"norm": False, "channels": [8, 8]}
+
+
+def test_stage_lr_inverse_delay_scales_each_stage_by_its_delay():
+    from layerpipe.train import set_lr
+
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(4)]
+    opts = [torch.optim.SGD([p], lr=1.0) for p in params]
+    set_lr(opts, [6, 4, 2, 0], 0.3, "inverse-delay")
+    assert [o.param_groups[0]["lr"] for o in opts] == pytest.approx([0.05, 0.075, 0.15, 0.3])
+    set_lr(opts, [6, 4, 2, 0], 0.3, "same")
+    assert [o.param_groups[0]["lr"] for o in opts] == [0.3] * 4
+
+
+def test_stage_lr_changes_pipelined_training_but_not_sync():
+    def final(weights, stage_lr):
+        return train(TrainConfig(**SMALL, stages="3", weights=weights, stage_lr=stage_lr), progress=False).history[-1]["train_loss"]
+
+    assert final("sync", "inverse-delay") == final("sync", "same")  # no delays: nothing to scale
+    assert final("stash", "inverse-delay") != final("stash", "same")
+
+
+def test_unknown_stage_lr_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--stage-lr", "bogus"])
+    assert "--stage-lr" in capsys.readouterr().err

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
+#: per-stage learning rate: "same" for every stage, or "inverse-delay": lr / d_k on stages
+#: with a gradient delay d_k > 0 (PipeMare's observation: a stale gradient wants a smaller step)
+STAGE_LRS = ("same", "inverse-delay")
 
 #: per-model training recipes used when the user does not override them
 # (threads: torch intra-op threads; 1 for the small models, whose kernels are too small to
@@ -65,6 +68,8 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     #: epochs of linear learning-rate warm-up (PipeMare: stale gradients hurt most early)
     warmup_epochs: int = 0
+    #: "same" or "inverse-delay" (see STAGE_LRS)
+    stage_lr: str = "same"
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
@@ -94,6 +99,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise LayerpipeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.stage_lr not in STAGE_LRS:
+            raise LayerpipeError(f"unknown --stage-lr {self.stage_lr!r}; choose one of: {', '.join(STAGE_LRS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise LayerpipeError(f"unknown --lr-schedule {self.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
         if not self.lr or self.lr <= 0:
@@ -138,11 +145,13 @@ def epoch_lr(config: TrainConfig, epoch: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / span))
 
 
-def set_lr(optimizers: Iterable[torch.optim.Optimizer | None], lr: float) -> None:
-    for opt in optimizers:
+def set_lr(optimizers: Iterable[torch.optim.Optimizer | None], delays: Iterable[int], lr: float, stage_lr: str) -> None:
+    """Give each stage's optimizer the epoch's learning rate, scaled per stage by `stage_lr`."""
+    for opt, delay in zip(optimizers, delays):
         if opt is not None:
+            scaled = lr / delay if stage_lr == "inverse-delay" and delay > 0 else lr
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = scaled
 
 
 def epoch_order(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
@@ -297,7 +306,7 @@ def train(
     peak_history = pipe.weight_history_bytes()
     for epoch in range(first_epoch, config.epochs):
         epoch_start = time.perf_counter()
-        set_lr((stage.optimizer for stage in pipe.stages), epoch_lr(config, epoch))
+        set_lr([stage.optimizer for stage in pipe.stages], pipe.delays, epoch_lr(config, epoch), config.stage_lr)
         order = epoch_order(len(x_train), config.batch_size, config.seed, epoch)
         losses: list[Tensor] = []
         for _, info in _ticks(pipe, x_train, y_train, order, progress, f"epoch {epoch + 1}/{config.epochs}"):

@@ -36,6 +36,9 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
     p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"),
                    help="per-epoch learning-rate schedule (default cosine decay to 0)")
     p.add_argument("--warmup-epochs", type=int, default=0, help="epochs of linear learning-rate warm-up (default 0)")
+    p.add_argument("--stage-lr", default="same", choices=("same", "inverse-delay"),
+                   help="per-stage learning rate: same (default), or inverse-delay: lr / d_k on each stage with "
+                        "gradient delay d_k > 0 (helps the transformer, see docs/results.md)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -49,7 +52,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         model=args.model, dataset=args.dataset, data_dir=args.data_dir, samples=args.samples, data_seed=args.data_seed,
         stages=getattr(args, "stages", "4"), weights=getattr(args, "weights", "ema"), schedule=args.schedule,
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-        lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
+        lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs, stage_lr=args.stage_lr,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=getattr(args, "seed", 0), device=args.device,
         threads=args.threads, model_options=parse_model_options(args.model_option),
     )

@@ -70,7 +70,7 @@ def _run_all(jobs: dict[tuple[str, str, int], dict], workers: int, bar, on_done)
 
 
 #: flags shown in the results' command only when they differ from their defaults
-NON_DEFAULT_FLAGS = {"schedule": "layerpipe", "lr_schedule": "cosine", "warmup_epochs": 0, "momentum": 0.9,
+NON_DEFAULT_FLAGS = {"schedule": "layerpipe", "lr_schedule": "cosine", "warmup_epochs": 0, "stage_lr": "same", "momentum": 0.9,
                      "weight_decay": 0.0, "data_seed": 42}
 
 

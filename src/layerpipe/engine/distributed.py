@@ -547,7 +547,7 @@ def train_distributed(
         for epoch in range(first_epoch, config.epochs):
             trained = True
             epoch_start = time.perf_counter()
-            set_lr([worker.stage.optimizer], epoch_lr(config, epoch))
+            set_lr([worker.stage.optimizer], [worker.delays[rank]], epoch_lr(config, epoch), config.stage_lr)
             order = epoch_order(len(data.x_train), config.batch_size, config.seed, epoch)
             bar = _progress_bar(len(order), f"epoch {epoch + 1}/{config.epochs}", progress and rank == 0)
             try:

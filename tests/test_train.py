@@ -154,3 +154,13 @@ def test_unknown_stage_lr_is_one_line(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--stage-lr", "bogus"])
     assert "--stage-lr" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_model_options():
+    from layerpipe.errors import LayerpipeError
+    from layerpipe.train import check_checkpoint_config
+
+    saved = TrainConfig(**SMALL, model_options={"norm": False})
+    check_checkpoint_config({"config": saved.to_dict()}, saved, "the checkpoint")
+    with pytest.raises(LayerpipeError, match="the checkpoint was made with model_options="):
+        check_checkpoint_config({"config": saved.to_dict()}, TrainConfig(**SMALL), "the checkpoint")

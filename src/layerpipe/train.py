@@ -329,10 +329,7 @@ def train(
     result.seconds = time.perf_counter() - start
     result.run_dir = str(run_path) if run_path else None
     if run_path:
-        from layerpipe.report.plots import learning_curves
-
-        learning_curves({f"{config.model} / {config.weights}": {config.weights: [[r["test_accuracy"] for r in result.history]]}},
-                        run_path / "learning_curve.png")
+        plot_learning_curve(config, result.history, run_path)
     if save:
         atomic_torch_save(model.state_dict(), save)
     return result
@@ -375,8 +372,21 @@ def _load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
         state = torch.load(path, map_location=config.device, weights_only=False)
     except Exception as exc:  # a truncated or foreign file
         raise LayerpipeError(f"cannot read checkpoint {path}: {exc}") from None
+    check_checkpoint_config(state, config, f"checkpoint {path}")
+    return state
+
+
+def check_checkpoint_config(state: dict[str, Any], config: TrainConfig, what: str) -> None:
+    """Refuse to resume a run with settings that change what the saved state means (both engines)."""
     saved = dict(state.get("config", {}))
     for key in ("model", "model_options", "dataset", "stages", "weights", "schedule", "seed", "batch_size"):
         if saved.get(key) != getattr(config, key):
-            raise LayerpipeError(f"checkpoint {path} was made with {key}={saved.get(key)!r}, not {getattr(config, key)!r}")
-    return state
+            raise LayerpipeError(f"{what} was made with {key}={saved.get(key)!r}, not {getattr(config, key)!r}")
+
+
+def plot_learning_curve(config: TrainConfig, history: list[dict[str, Any]], run_path: Path) -> None:
+    """run_path/learning_curve.png: test accuracy per epoch (both engines)."""
+    from layerpipe.report.plots import learning_curves
+
+    curve = [[r["test_accuracy"] for r in history]]
+    learning_curves({f"{config.model} / {config.weights}": {config.weights: curve}}, run_path / "learning_curve.png")

@@ -7,7 +7,7 @@ from typing import Any
 
 from layerpipe.errors import LayerpipeError
 from layerpipe.plan import SCHEDULES
-from layerpipe.train import OPTIMIZERS, TrainConfig
+from layerpipe.train import LR_SCHEDULES, OPTIMIZERS, STAGE_LRS, TrainConfig
 from layerpipe.weights import STRATEGIES
 
 
@@ -33,10 +33,10 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
     p.add_argument("--batch-size", type=int, default=None, help="microbatch size (default: the model's recipe)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="optimizer (default: the model's recipe)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's recipe)")
-    p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"),
+    p.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
                    help="per-epoch learning-rate schedule (default cosine decay to 0)")
     p.add_argument("--warmup-epochs", type=int, default=0, help="epochs of linear learning-rate warm-up (default 0)")
-    p.add_argument("--stage-lr", default="same", choices=("same", "inverse-delay"),
+    p.add_argument("--stage-lr", default="same", choices=STAGE_LRS,
                    help="per-stage learning rate: same (default), or inverse-delay: lr / d_k on each stage with "
                         "gradient delay d_k > 0 (helps the transformer, see docs/results.md)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")

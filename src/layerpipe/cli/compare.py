@@ -69,9 +69,13 @@ def _run_all(jobs: dict[tuple[str, str, int], dict], workers: int, bar, on_done)
                 on_done(key, future.result())
 
 
-#: flags shown in the results' command only when they differ from their defaults
-NON_DEFAULT_FLAGS = {"schedule": "layerpipe", "lr_schedule": "cosine", "warmup_epochs": 0, "stage_lr": "same", "momentum": 0.9,
-                     "weight_decay": 0.0, "data_seed": 42}
+#: settings shown in the results' command only when they differ from TrainConfig's defaults
+OPTIONAL_FLAGS = ("schedule", "lr_schedule", "warmup_epochs", "stage_lr", "momentum", "weight_decay", "data_seed")
+
+
+def _job_key(stages: str, weights: str, seed: int, first_stages: str) -> tuple[str, str, int]:
+    """sync does not depend on the partition: one run per seed, filed under the first depth."""
+    return (first_stages, weights, seed) if weights == "sync" else (stages, weights, seed)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from layerpipe.report.plots import learning_curves
     from layerpipe.report.records import atomic_write_bytes, environment
     from layerpipe.report.tables import comparison_table
+    from layerpipe.train import TrainConfig
 
     strategies = [w.strip() for w in args.weights.split(",") if w.strip()]
     try:
@@ -96,10 +101,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = environment()  # now: the commit and date of the code that runs, not of the end
 
-    # sync does not depend on the partition: one run per seed, shown at every depth
     jobs: dict[tuple[str, str, int], dict] = {}
     for stages, w, seed in configs:
-        key = (args.stages[0], w, seed) if w == "sync" else (stages, w, seed)
+        key = _job_key(stages, w, seed, args.stages[0])
         jobs.setdefault(key, config_from_args(args, stages=stages, weights=w, seed=seed).to_dict())
     finished: dict[tuple[str, str, int], dict] = {}
     bar = tqdm(total=len(jobs), desc="compare", unit="run", disable=args.no_progress, dynamic_ncols=True)
@@ -114,8 +118,7 @@ def run(args: argparse.Namespace) -> int:
         _run_all(jobs, args.jobs, bar, on_done)
     finally:
         bar.close()
-    results = {(stages, w, seed): finished[(args.stages[0], w, seed) if w == "sync" else (stages, w, seed)]
-               for stages, w, seed in configs}
+    results = {(stages, w, seed): finished[_job_key(stages, w, seed, args.stages[0])] for stages, w, seed in configs}
 
     rows, panels = [], {}
     for stages in args.stages:
@@ -140,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
         [f"--model {args.model}", f"--weights {args.weights}", f"--seeds {args.seeds}", "--stages " + " ".join(args.stages)]
         + [f"--{k.replace('_', '-')} {v}" for k in ("dataset", "samples", "epochs", "batch_size", "optimizer", "lr")
            if (v := getattr(args, k)) is not None]
-        + [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, default in NON_DEFAULT_FLAGS.items()
-           if getattr(args, k) != default]
+        + [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in OPTIONAL_FLAGS
+           if getattr(args, k) != TrainConfig.__dataclass_fields__[k].default]
         + [f"--model-option {item}" for item in args.model_option]
     )
     md = (

@@ -118,7 +118,7 @@ def _launch(args: argparse.Namespace, config, run_dir: Path) -> int:
     from layerpipe.engine.distributed import check_stage_count
     from layerpipe.errors import LayerpipeError
     from layerpipe.launch import WORKER_ARGS_ENV, launch
-    from layerpipe.train import parse_stages
+    from layerpipe.plan import parse_stages
 
     check_stage_count(parse_stages(config.stages), args.nproc)
     worker_args = {k: v for k, v in vars(args).items() if k != "run"}

@@ -482,12 +482,13 @@ def train_distributed(
     from layerpipe.report.records import MetricsLog, atomic_torch_save
     from layerpipe.plan import stage_delays
     from layerpipe.train import (
-        TrainResult, build, epoch_lr, epoch_order, make_optimizer_factory, parse_stages, record_epoch, set_lr,
+        TrainResult, build, check_checkpoint_config, epoch_lr, epoch_order, make_optimizer_factory, parse_stages,
+        plot_learning_curve, record_epoch, set_lr,
     )
 
     world = world or World.from_env() or World()
     start = time.perf_counter()
-    if getattr(config, "threads", None):
+    if config.threads:
         torch.set_num_threads(config.threads)
     device = stage_device(config.device, world)
     stages = parse_stages(config.stages)
@@ -525,7 +526,7 @@ def train_distributed(
             if run_path is None:
                 raise LayerpipeError("--resume needs a run folder")
             state = load_checkpoint(run_path, rank, world.world_size)
-            _check_checkpoint_config(state, config)
+            check_checkpoint_config(state, config, "the checkpoint")
             worker.load_state_dict(state["worker"])
             first_epoch, result.history = int(state["epoch"]), list(state.get("history", []))
             torch.set_rng_state(state["rng"])
@@ -597,18 +598,8 @@ def train_distributed(
     result.seconds = time.perf_counter() - start
     result.run_dir = str(run_path) if run_path else None
     if run_path and rank == 0:
-        from layerpipe.report.plots import learning_curves
-
-        learning_curves({f"{config.model} / {config.weights}": {config.weights: [[r["test_accuracy"] for r in result.history]]}},
-                        run_path / "learning_curve.png")
+        plot_learning_curve(config, result.history, run_path)
     return result
-
-
-def _check_checkpoint_config(state: dict[str, Any], config) -> None:
-    saved = dict(state.get("config", {}))
-    for key in ("model", "dataset", "stages", "weights", "schedule", "seed", "batch_size"):
-        if saved.get(key) != getattr(config, key):
-            raise LayerpipeError(f"the checkpoint was made with {key}={saved.get(key)!r}, not {getattr(config, key)!r}")
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

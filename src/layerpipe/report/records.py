@@ -3,6 +3,7 @@ then one record per epoch. Files are written atomically where losing them would 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -44,8 +45,11 @@ def environment() -> dict[str, Any]:
     }
 
 
+@functools.cache
 def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    # reading the umask means setting it: done once, not on every write (other threads
+    # creating files in between would get the temporary 0 mask)
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 

@@ -17,7 +17,7 @@ Writes DIR/gpu-check.json (every number, the machine, versions, date, commit) an
 DIR/gpu-check.md. Needs only torch and numpy (no tqdm, matplotlib, scikit-learn or
 mnist1d; checked by running --quick with those imports blocked), and runs from a checkout
 without installing the package (it puts src/ on the path itself).
-On an H200 the defaults take about 3-5 minutes.
+On an H200 the defaults should take a few minutes (an estimate: never run on one yet).
 """
 from __future__ import annotations
 

@@ -56,13 +56,14 @@ def main() -> int:
     p.add_argument("--metric", default="test_accuracy", choices=("test_accuracy", "test_loss"),
                    help="test accuracy in %% (default) or test / validation loss")
     args = p.parse_args()
+    missing = [str(f) for f in args.folders if not (f / "results.json").is_file()]
+    if missing:
+        print(f"results_summary: no results.json in {', '.join(missing)}", file=sys.stderr)
+        return 2
     print("| results | K | delays | seeds | sync | stash | ema | latest | ema - stash (paired, ± se) "
           "| stash / ema vs sync | history ema / stash (x \\|W\\|) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for folder in args.folders:
-        if not (folder / "results.json").is_file():
-            print(f"results_summary: no results.json in {folder}", file=sys.stderr)
-            return 2
         print("\n".join(summarize(folder, args.metric)))
     return 0
 

@@ -164,3 +164,11 @@ def test_resume_refuses_other_model_options():
     check_checkpoint_config({"config": saved.to_dict()}, saved, "the checkpoint")
     with pytest.raises(LayerpipeError, match="the checkpoint was made with model_options="):
         check_checkpoint_config({"config": saved.to_dict()}, TrainConfig(**SMALL), "the checkpoint")
+
+
+@pytest.mark.parametrize("argv", [["train", "--stage-lr", "bogus"], ["compare", "--jobs", "x"], ["nope"]])
+def test_usage_errors_are_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "error:" in err[0] and "--help" in err[0], err

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from layerpipe.errors import LayerpipeError
 
@@ -17,8 +18,16 @@ from layerpipe.errors import LayerpipeError
 SUBCOMMANDS = ("plan", "train", "compare", "env")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (not the whole usage block), exit status 2.
+    Subcommand parsers are of the same class (add_subparsers uses the parent's type)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="layerpipe",
         description="LayerPipe2 pipelined training: plan delays, train with weight stashing or "
         "EMA weight reconstruction, compare strategies.",

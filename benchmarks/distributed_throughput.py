@@ -125,15 +125,17 @@ def run_distributed(cfg: dict) -> dict | None:
     import torch
     import torch.nn.functional as F
 
-    from layerpipe.engine.dist_comm import Comm, World
-    from layerpipe.engine.distributed import StageWorker
+    from layerpipe.engine.distributed import Comm, StageWorker, World
+    from layerpipe.engine.single import resolve_strategy
+    from layerpipe.plan import sequential_spec
 
     torch.set_num_threads(1)
     comm = Comm(World.from_env(), timeout=120)
     model = make_model(cfg["width"], cfg["layers"])
     n, b = cfg["microbatches"], cfg["batch"]
     x, y = make_data(n * b)
-    worker = StageWorker(comm, model, stages=2, weights=cfg["weights"], optimizer=optimizer,
+    strategy, schedule = resolve_strategy(cfg["weights"], "layerpipe")
+    worker = StageWorker(comm, model, sequential_spec(model, 2, schedule), weights=strategy, optimizer=optimizer,
                          loss_fn=F.cross_entropy, sample=x[:2])
     order = [torch.arange(i * b, (i + 1) * b) for i in range(n)]
     worker.run_epoch(x, y, order[: cfg["warmup"]])
@@ -234,7 +236,7 @@ def measure(kind: str, cfg: dict, nproc: int = 1) -> tuple[float, float]:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, str(HERE), "--worker", kind, json.dumps(cfg), str(out)]
         # every row runs with the same allocator settings: glibc's defaults, or the launcher's
-        from layerpipe.launch import MALLOC_ENV, launch
+        from layerpipe.cli.launch import MALLOC_ENV, launch
 
         env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
         env["OMP_NUM_THREADS"] = str(cfg.get("threads", 1))

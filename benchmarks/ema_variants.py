@@ -21,7 +21,7 @@ from torch import nn
 
 from layerpipe.engine.single import Pipeline
 from layerpipe.report.records import environment
-from layerpipe.weights import STRATEGIES
+from layerpipe.weights import register_strategy
 from layerpipe.weights.ema import UpdateEMA
 from layerpipe.weights.estimators import Extrapolate, WeightEMA
 from layerpipe.weights.probe import ReconstructionProbe
@@ -39,6 +39,7 @@ VARIANTS = {
 }
 
 
+@register_strategy
 class VariantProbe(ReconstructionProbe):
     name = "variant-probe"
 
@@ -58,7 +59,6 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    STRATEGIES[VariantProbe.name] = VariantProbe
     env = environment()
     lines = [
         "# Reconstruction error of past-weight estimators (fraction of `latest`'s error; lower is better)",

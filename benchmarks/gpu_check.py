@@ -11,7 +11,7 @@ in this process, with the bytes of weight history each strategy holds.
 
 Part 2: the byte-level transformer (`--model gpt`) on this Python's standard-library
 sources at 4 stages (delays 6,4,2,0): validation loss after the same training under sync,
-stash and ema (`layerpipe.train.train`, the library's own loop).
+stash and ema (`layerpipe.training.train`, the library's own loop).
 
 Writes DIR/gpu-check.json (every number, the machine, versions, date, commit) and
 DIR/gpu-check.md. Needs only torch and numpy (no tqdm, matplotlib, scikit-learn or
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 from layerpipe import Pipeline  # noqa: E402
 from layerpipe.models import build_model  # noqa: E402
 from layerpipe.report.records import environment  # noqa: E402
-from layerpipe.train import TrainConfig, train  # noqa: E402
+from layerpipe.training import TrainConfig, train  # noqa: E402
 
 STRATEGIES = ("sync", "stash", "ema", "latest")
 

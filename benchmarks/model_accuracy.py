@@ -14,7 +14,7 @@ Threads: these models are tiny, so one torch thread is nearly as fast as two on 
 with one other busy process, snn took 20.5 s on 1 thread and 114.6 s on 2 (OpenMP threads
 that wait for a core spin). Hence --threads 1 by default.
 
-Default configurations (RECOMMENDED below) are the recipes of `layerpipe.train.RECIPES`
+Default configurations (RECOMMENDED below) are the recipes of `layerpipe.training.RECIPES`
 with a constant learning rate (this loop has no schedule):
   cnn1d  MNIST-1D 5000 samples (4000/1000), 30 epochs, batch 64, Adam lr 2e-3
   snn    MNIST-1D 5000 samples (4000/1000), 25 epochs, batch 64, Adam lr 3e-3 (T = 4 steps)

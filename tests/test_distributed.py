@@ -48,7 +48,7 @@ def single_reference(case: dict) -> dict:
     """The single-process engine on the same case, epoch by epoch as `train.train` runs it,
     on one thread as the workers (the kernels' reduction order then matches: bit for bit)."""
     from layerpipe import Pipeline
-    from layerpipe.train import epoch_order, evaluate
+    from layerpipe.training import epoch_order, evaluate
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -77,9 +77,10 @@ def _single_reference(case, Pipeline, epoch_order, evaluate) -> dict:
 # -- worker side ---------------------------------------------------------------------------------------
 def worker_cases(spec: dict) -> None:
     """Run every case on one connection; write each stage's weights and numbers."""
-    from layerpipe.engine.dist_comm import Comm, World
-    from layerpipe.engine.distributed import StageWorker
-    from layerpipe.train import epoch_order
+    from layerpipe.engine.distributed import Comm, StageWorker, World
+    from layerpipe.engine.single import resolve_strategy
+    from layerpipe.plan import sequential_spec
+    from layerpipe.training import epoch_order
 
     torch.set_num_threads(1)
     world = World.from_env()
@@ -87,8 +88,9 @@ def worker_cases(spec: dict) -> None:
     out = Path(spec["out"])
     for c, case in enumerate(spec["cases"]):
         model, data = make_model(case["model"]), make_data()
-        worker = StageWorker(comm, model, stages=case["stages"], weights=case["weights"], optimizer=OPTIMIZERS[case["opt"]],
-                             loss_fn=F.cross_entropy, sample=data.x_train[:2], schedule=case["schedule"])
+        strategy, schedule = resolve_strategy(case["weights"], case["schedule"])
+        worker = StageWorker(comm, model, sequential_spec(model, case["stages"], schedule), weights=strategy,
+                             optimizer=OPTIMIZERS[case["opt"]], loss_fn=F.cross_entropy, sample=data.x_train[:2])
         losses = []
         for epoch in range(case["epochs"]):
             order = epoch_order(len(data.x_train), case["batch"], 0, epoch)
@@ -102,25 +104,24 @@ def worker_cases(spec: dict) -> None:
 
 
 def build_synthetic(config):
-    """A `train.build` stand-in for `train_distributed`: (model, data, loss)."""
+    """A `training.build` stand-in for the distributed engine: (model, data, loss)."""
     config.dataset = config.dataset or "synthetic"
     return make_model("mlp"), make_data(n=64), F.cross_entropy
 
 
 def worker_train(spec: dict) -> None:
-    """`train_distributed` as the CLI runs it: on failure, report one line and leave."""
-    from layerpipe.engine.distributed import train_distributed
+    """`train` with one stage per process, as the CLI runs it: on failure, report one line and leave."""
+    from layerpipe.cli.launch import report_failure
     from layerpipe.errors import LayerpipeError
-    from layerpipe.launch import report_failure
-    from layerpipe.train import TrainConfig
+    from layerpipe.training import TrainConfig, train
 
     torch.set_num_threads(1)
     config = TrainConfig(**spec["config"])
     try:
-        result = train_distributed(config, run_dir=spec["run_dir"], progress=False, save=spec.get("save"),
-                                   checkpoint_every=spec.get("checkpoint_every", 0), resume=spec.get("resume", False),
-                                   timeout=spec.get("timeout", 30), builder=build_synthetic,
-                                   forced_exit=lambda msg: os._exit(2))
+        result = train(config, run_dir=spec["run_dir"], progress=False, save=spec.get("save"),
+                       checkpoint_every=spec.get("checkpoint_every", 0), resume=spec.get("resume", False),
+                       distributed={"timeout": spec.get("timeout", 30), "builder": build_synthetic,
+                                    "forced_exit": lambda msg: os._exit(2)})
     except LayerpipeError as exc:
         report_failure(str(exc))
         os._exit(2)
@@ -131,7 +132,7 @@ def worker_train(spec: dict) -> None:
 # -- test side ---------------------------------------------------------------------------------------------
 def launch_worker(mode: str, spec: dict, nproc: int, tmp_path: Path, env: dict | None = None, deadline: float = 90,
                   grace: float = 1.0):
-    from layerpipe.launch import launch
+    from layerpipe.cli.launch import launch
 
     spec_path = tmp_path / f"spec-{mode}-{time.monotonic_ns()}.json"
     spec_path.write_text(json.dumps(spec))
@@ -236,7 +237,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(tmp_path):
     # closed connection, not the 30 s timeout) and left by itself
     assert killed.returncode == 1 and killed.message.startswith("stage 1 exited with code 3"), killed.message
     assert killed.codes == [2, 3] and killed.seconds < 20
-    assert json.loads((run / "checkpoint-stages.json").read_text())["epoch"] == 2
+    assert json.loads((run / "checkpoint.json").read_text())["epoch"] == 2
     resumed = launch_worker("train", train_spec(run, 2, config=config, resume=True, checkpoint_every=1,
                                                 save=str(tmp_path / "resumed.pt")), 2, tmp_path)
     assert resumed.returncode == 0, resumed.message
@@ -249,8 +250,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[1:]]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     # only the last two checkpoints stay on disk
-    assert sorted(p.name for p in run.glob("checkpoint-stage0-*.pt")) == ["checkpoint-stage0-epoch2.pt",
-                                                                         "checkpoint-stage0-epoch3.pt"]
+    assert sorted(p.name for p in run.glob("checkpoint-rank0-*.pt")) == ["checkpoint-rank0-epoch2.pt",
+                                                                        "checkpoint-rank0-epoch3.pt"]
 
 
 # -- the command line: `layerpipe train --nproc 2` ---------------------------------------------------------
@@ -267,7 +268,7 @@ def run_cli(args: list[str], env: dict | None = None) -> "subprocess.CompletedPr
 
 @pytest.mark.timeout(120)
 def test_cli_nproc_gives_the_single_process_result(tmp_path):
-    from layerpipe.train import TrainConfig, train
+    from layerpipe.training import TrainConfig, train
 
     out = run_cli([*CLI_ARGS, "--nproc", "2", "--json", "--run-dir", str(tmp_path / "dist")])
     assert out.returncode == 0, out.stderr

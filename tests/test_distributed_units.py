@@ -11,8 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerpipe import Pipeline
-from layerpipe.engine.dist_comm import StageFailure, World, _stage_named, choose_backend
-from layerpipe.engine.distributed import Timing, _parse_fault, boundary_specs, check_stage_count, plan_pipeline
+from layerpipe.engine.distributed import FailureMonitor, StageFailure, World, boundary_specs, choose_backend
+from layerpipe.engine.distributed.worker import _parse_fault
+from layerpipe.plan import sequential_spec
+from layerpipe.schedule import Timing
+from layerpipe.training.engines import check_stage_count
 from layerpipe.errors import DistributedError, LayerpipeError, PlanError
 
 
@@ -107,7 +110,8 @@ def test_plan_matches_the_single_process_engine():
     model = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
     for stages, weights, schedule in [(2, "ema", "layerpipe"), (3, "stash", "pipedream"), ([1, 3, 1], "sync", "layerpipe")]:
         pipe = Pipeline(model, stages=stages, weights=weights, schedule=schedule)
-        assert plan_pipeline(model, stages, weights, schedule) == (pipe.stage_sizes, pipe.delays)
+        expected = sequential_spec(model, stages, "sync" if weights == "sync" else schedule)
+        assert pipe.spec == expected and Timing.of(pipe.spec) == pipe.timing
 
 
 def test_stage_count_must_equal_the_process_count():
@@ -129,9 +133,22 @@ def test_fault_hook_parsing():
         _parse_fault("1:explode:7", 1)
 
 
-def test_failure_lines_name_the_stage():
-    assert _stage_named("stage 12 is gone: its connection closed") == 12
-    assert _stage_named("no stage here") is None
+def test_the_first_failure_is_recorded_as_data():
+    """The stage at fault travels as data through the store; the first writer wins."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    monitor = FailureMonitor(0, 2, store, store, timeout=5.0)
+    try:
+        first = monitor.record("stage 1 failed: boom", 1, local=True)
+        later = monitor.record("stage 0 is gone", 0, local=False)
+        assert (first.stage, str(first), first.local) == (1, "stage 1 failed: boom", True)
+        assert (later.stage, str(later), later.local) == (1, "stage 1 failed: boom", False)
+        assert monitor.recorded().stage == 1
+        gone = monitor.collective_failed("barrier", [1], RuntimeError("whatever the text"))
+        assert gone.stage == 1  # the recorded failure stays the run's failure
+    finally:
+        monitor.stop(join=5)
     failure = StageFailure("stage 1 failed: boom", 1, local=True)
     assert isinstance(failure, DistributedError) and failure.stage == 1 and failure.local
 
@@ -152,8 +169,7 @@ def test_one_process_world_equals_the_single_process_engine(weights, tmp_path):
     `--nproc 1` and a single GPU run."""
     from types import SimpleNamespace
 
-    from layerpipe.engine.distributed import train_distributed
-    from layerpipe.train import TrainConfig, epoch_lr, epoch_order, evaluate, set_lr
+    from layerpipe.training import TrainConfig, epoch_lr, epoch_order, evaluate, set_lr, train
 
     def make():
         torch.manual_seed(0)
@@ -169,8 +185,8 @@ def test_one_process_world_equals_the_single_process_engine(weights, tmp_path):
         return model, data, F.cross_entropy
 
     config = TrainConfig(model="mlp", stages="1", weights=weights, epochs=2, batch_size=8, optimizer="sgd", lr=0.1)
-    result = train_distributed(config, run_dir=tmp_path, progress=False, save=tmp_path / "w.pt", builder=builder,
-                               world=World(), timeout=20)
+    result = train(config, run_dir=tmp_path, progress=False, save=tmp_path / "w.pt",
+                   distributed={"builder": builder, "world": World(), "timeout": 20})
     model, data = make()
     pipe = Pipeline(model, stages=1, weights=weights, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
                     loss_fn=F.cross_entropy)

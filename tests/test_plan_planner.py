@@ -8,12 +8,20 @@ import sys
 import pytest
 
 from layerpipe.errors import PlanError
-from layerpipe.plan import LayerInfo, describe_layers, history_bytes, make_plan
+from layerpipe.plan import LayerInfo, describe_layers, history_bytes
+from layerpipe.plan import make_plan as _make_plan
+from layerpipe.weights import memory_formulas
+
+MEMORY = memory_formulas(["stash", "ema", "latest"])
+
+
+def make_plan(*args, **kwargs):
+    return _make_plan(*args, memory=MEMORY, **kwargs)
 
 
 def test_history_bytes_rule():
-    assert history_bytes(100, 6) == {"stash": 600, "ema": 100, "latest": 0}
-    assert history_bytes(100, 0) == {"stash": 0, "ema": 0, "latest": 0}
+    assert history_bytes(100, 6, MEMORY) == {"stash": 600, "ema": 100, "latest": 0}
+    assert history_bytes(100, 0, MEMORY) == {"stash": 0, "ema": 0, "latest": 0}
 
 
 def test_bytes_from_layer_infos():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from layerpipe.cli.main import main
-from layerpipe.train import TrainConfig, split_blocks, train
+from layerpipe.training import TrainConfig, split_blocks, train
 
 SMALL = dict(model="cnn1d", samples=600, epochs=2, batch_size=32, optimizer="sgd", lr=0.05)
 
@@ -132,7 +132,7 @@ def test_model_option_reaches_the_builder(capsys, tmp_path):
 
 
 def test_stage_lr_inverse_delay_scales_each_stage_by_its_delay():
-    from layerpipe.train import set_lr
+    from layerpipe.training import set_lr
 
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(4)]
     opts = [torch.optim.SGD([p], lr=1.0) for p in params]
@@ -158,11 +158,11 @@ def test_unknown_stage_lr_is_one_line(capsys):
 
 def test_resume_refuses_other_model_options():
     from layerpipe.errors import LayerpipeError
-    from layerpipe.train import check_checkpoint_config
+    from layerpipe.training import check_checkpoint_config
 
     saved = TrainConfig(**SMALL, model_options={"norm": False})
     check_checkpoint_config({"config": saved.to_dict()}, saved, "the checkpoint")
-    with pytest.raises(LayerpipeError, match="the checkpoint was made with model_options="):
+    with pytest.raises(LayerpipeError, match="the checkpoint was made with other settings: model_options="):
         check_checkpoint_config({"config": saved.to_dict()}, TrainConfig(**SMALL), "the checkpoint")
 
 

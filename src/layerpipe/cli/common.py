@@ -7,8 +7,8 @@ from typing import Any
 
 from layerpipe.errors import LayerpipeError
 from layerpipe.plan import SCHEDULES
-from layerpipe.train import LR_SCHEDULES, OPTIMIZERS, STAGE_LRS, TrainConfig
-from layerpipe.weights import STRATEGIES
+from layerpipe.training import LR_SCHEDULES, OPTIMIZERS, STAGE_LRS, TrainConfig
+from layerpipe.weights import strategy_help
 
 
 def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
@@ -41,6 +41,8 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
                         "gradient delay d_k > 0 (helps the transformer, see docs/results.md)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the weight strategy, repeatable: e.g. alpha=0.3 (ema)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per process (0: all cores; default: the model's recipe, 1 for small models)")
@@ -54,19 +56,20 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs, stage_lr=args.stage_lr,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=getattr(args, "seed", 0), device=args.device,
-        threads=args.threads, model_options=parse_model_options(args.model_option),
+        threads=args.threads, model_options=parse_model_options(args.model_option, "--model-option"),
+        weight_options=parse_model_options(args.weight_option, "--weight-option"),
     )
     fields.update(overrides)
     return TrainConfig(**fields)
 
 
-def parse_model_options(items: list[str]) -> dict[str, Any]:
+def parse_model_options(items: list[str], flag: str = "--model-option") -> dict[str, Any]:
     """["norm=false", "channels=(16, 32)"] -> {"norm": False, "channels": (16, 32)}."""
     options: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise LayerpipeError(f"--model-option needs KEY=VALUE, got {item!r}")
+            raise LayerpipeError(f"{flag} needs KEY=VALUE, got {item!r}")
         text = text.strip()
         if text.lower() in ("true", "false"):
             value: Any = text.lower() == "true"
@@ -79,8 +82,6 @@ def parse_model_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
-STRATEGY_HELP = (
-    "weight strategy: sync (no pipelining, the reference), stash (exact stored versions), "
-    "ema (LayerPipe2 reconstruction), latest (no correction), weight-ema, extrapolate, momentum; "
-    f"one of {', '.join(STRATEGIES)}"
-)
+def strategies_help() -> str:
+    """The --weights help, generated from the strategy registry."""
+    return "sync: no pipelining, the reference; " + strategy_help()

@@ -18,7 +18,7 @@ import datetime as _dt
 import json
 from pathlib import Path
 
-from layerpipe.cli.common import add_training_arguments, config_from_args
+from layerpipe.cli.common import add_training_arguments, config_from_args, strategies_help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_arguments(p, sweep=True)
     p.add_argument("--weights", default="sync,stash,ema,latest",
-                   help="comma-separated strategies (default sync,stash,ema,latest; also weight-ema, extrapolate, momentum)")
+                   help="comma-separated, each sync or a weight strategy (default sync,stash,ema,latest); " + strategies_help())
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--stages", nargs="+", default=["4"],
                    help="depths to sweep, each as for train: K, a list like 2,1,3,1, or 'all' (default 4)")
@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _train_entry(config_fields: dict) -> dict:
     """One run of the sweep (module level so that a worker process can run it)."""
-    from layerpipe.train import TrainConfig, train
+    from layerpipe.training import TrainConfig, train
 
     r = train(TrainConfig(**config_fields), progress=False)
     return {**r.summary(), "history": r.history}
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from layerpipe.report.plots import learning_curves
     from layerpipe.report.records import atomic_write_bytes, environment
     from layerpipe.report.tables import comparison_table
-    from layerpipe.train import TrainConfig
+    from layerpipe.training import TrainConfig
 
     strategies = [w.strip() for w in args.weights.split(",") if w.strip()]
     try:

@@ -22,7 +22,10 @@ from layerpipe.errors import LayerpipeError, PlanError
 from layerpipe.plan.costs import BALANCE_MODES
 from layerpipe.plan.delays import SCHEDULES
 from layerpipe.plan.partition import parse_stages
-from layerpipe.plan.planner import STRATEGIES, Plan, make_plan, parse_int_list
+from layerpipe.plan.planner import Plan, make_plan, parse_int_list
+
+#: the strategies whose weight-history bytes the plan shows (formulas from their classes)
+MEMORY_COLUMNS = ("stash", "ema", "latest")
 from layerpipe.plan.retiming import RetimingReport, verify_delays
 from layerpipe.schedule import build_schedule, format_grid, save_png
 
@@ -128,26 +131,26 @@ def render(plan: Plan, report: RetimingReport, grid: str, microbatches: int) -> 
     out = [f"{what} in {plan.num_stages} stages ({how}), schedule {plan.schedule}", ""]
     need = plan.delays_given
     header = ["layer", "name", "kind", "stage", "S", "delay", *(["needs"] if need else []), "versions",
-              "params", *STRATEGIES]
+              "params", *plan.strategies]
     rows = [
         [str(l.index + 1), l.name, l.kind, str(l.stage), str(l.downstream_stages), str(l.delay),
          *([str(l.required_delay)] if need else []), str(l.stash_versions), f"{l.params:,}",
-         *(_fmt_bytes(l.bytes[s]) for s in STRATEGIES)]
+         *(_fmt_bytes(l.bytes[s]) for s in plan.strategies)]
         for l in plan.layers
     ]
     out += [_table(header, rows, left=3), ""]
     header = ["stage", "layers", "S", "delay", *(["needs"] if need else []), "versions", "params",
-              f"cost ({plan.cost_unit})", *STRATEGIES]
+              f"cost ({plan.cost_unit})", *plan.strategies]
     rows = []
     for s in plan.stages:
         span = f"{s.layers[0] + 1}" if len(s.layers) == 1 else f"{s.layers[0] + 1}-{s.layers[-1] + 1}"
         rows.append([str(s.stage), span, str(s.downstream_stages), str(s.delay),
                      *([str(s.required_delay)] if need else []), str(s.stash_versions), f"{s.params:,}",
-                     _fmt_cost(s.cost, plan.cost_unit), *(_fmt_bytes(s.bytes[k]) for k in STRATEGIES)])
+                     _fmt_cost(s.cost, plan.cost_unit), *(_fmt_bytes(s.bytes[k]) for k in plan.strategies)])
     t = plan.totals()
     rows.append(["total", str(t["num_layers"]), "", "", *([""] if need else []), str(t["stash_versions"]),
                  f"{t['params']:,}", "max " + _fmt_cost(t["bottleneck_cost"], plan.cost_unit),
-                 *(_fmt_bytes(t["bytes"][k]) for k in STRATEGIES)])
+                 *(_fmt_bytes(t["bytes"][k]) for k in plan.strategies)])
     out += [_table(header, rows, left=2), ""]
     unit = "2 S" if plan.schedule == "layerpipe" else "S"
     out.append(f"S: stages downstream; delay: ticks from a forward to the update with its gradient "
@@ -184,7 +187,10 @@ def run(args: argparse.Namespace) -> int:
         stages = parse_stages(args.stages)
     delays = parse_int_list(args.delays, "--delays") if args.delays is not None else None
     given_mb = _positive_int(args.microbatches, "--microbatches") if args.microbatches is not None else None
-    plan = make_plan(source, stages, args.schedule, balance=args.balance, delays=delays)
+    from layerpipe.weights import memory_formulas  # lazy: torch
+
+    plan = make_plan(source, stages, args.schedule, balance=args.balance, delays=delays,
+                     memory=memory_formulas(MEMORY_COLUMNS))
     report = verify_delays(plan.stage_sizes, plan.stage_delays, plan.schedule)
     microbatches = given_mb or 2 * plan.num_stages
     ticks = build_schedule(plan.num_stages, microbatches, plan.stage_delays)

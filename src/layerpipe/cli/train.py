@@ -10,7 +10,7 @@ import datetime as _dt
 import json
 from pathlib import Path
 
-from layerpipe.cli.common import STRATEGY_HELP, add_training_arguments, config_from_args
+from layerpipe.cli.common import add_training_arguments, config_from_args, strategies_help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_training_arguments(p)
-    p.add_argument("--weights", default="ema", help=STRATEGY_HELP + " (default ema)")
+    p.add_argument("--weights", default="ema", help=strategies_help() + " (default ema)")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and data (default 0)")
     p.add_argument("--run-dir", default=None, help="folder for metrics.jsonl and plots (default runs/<time>-<model>-<weights>)")
     p.add_argument("--save", default=None, metavar="FILE", help="write the trained model's state_dict here (atomically)")
@@ -47,7 +47,7 @@ def default_run_dir(model: str, weights: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from layerpipe.errors import LayerpipeError
-    from layerpipe.train import train
+    from layerpipe.training import train
 
     world = _world()
     nproc = getattr(args, "nproc", None)
@@ -105,7 +105,7 @@ def _world():
 
     if "WORLD_SIZE" not in os.environ:
         return None
-    from layerpipe.engine.dist_comm import World
+    from layerpipe.engine.distributed import World
 
     return World.from_env()
 
@@ -115,16 +115,16 @@ def _launch(args: argparse.Namespace, config, run_dir: Path) -> int:
     import os
     import sys
 
-    from layerpipe.engine.distributed import check_stage_count
+    from layerpipe.training.engines import check_stage_count
     from layerpipe.errors import LayerpipeError
-    from layerpipe.launch import WORKER_ARGS_ENV, launch
+    from layerpipe.cli.launch import WORKER_ARGS_ENV, launch
     from layerpipe.plan import parse_stages
 
     check_stage_count(parse_stages(config.stages), args.nproc)
     worker_args = {k: v for k, v in vars(args).items() if k != "run"}
     worker_args["run_dir"] = str(run_dir)  # one folder for all, chosen here
     env = dict(os.environ, **{WORKER_ARGS_ENV: json.dumps(worker_args)})
-    result = launch([sys.executable, "-m", "layerpipe.launch"], args.nproc, env=env)
+    result = launch([sys.executable, "-m", "layerpipe.cli.launch"], args.nproc, env=env)
     if result.returncode:
         raise LayerpipeError(result.message)
     return 0
@@ -136,9 +136,9 @@ def _leave(exc: BaseException, rank0: bool) -> None:
     sockets, which tells its neighbours without waiting for a timeout."""
     import sys
 
-    from layerpipe.engine.dist_comm import StageFailure
+    from layerpipe.engine.distributed import StageFailure
     from layerpipe.errors import LayerpipeError
-    from layerpipe.launch import report_failure
+    from layerpipe.cli.launch import report_failure
 
     if isinstance(exc, KeyboardInterrupt):
         _leave_now(None, code=130)
@@ -155,7 +155,7 @@ def _leave_now(message: str | None, code: int = 2) -> None:
     import sys
 
     if message is not None:  # the monitor thread gave up waiting for the compute thread
-        from layerpipe.launch import report_failure
+        from layerpipe.cli.launch import report_failure
 
         if not report_failure(message):
             print(f"layerpipe train: error: {message}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The single-process engine: runs the LayerPipe tick schedule exactly, on CPU or one GPU.
+"""The single-process engine: runs the tick schedule exactly, on CPU or one GPU.
 
     pipe = Pipeline(model, stages=[1, 3, 2, 1], weights="ema",
                     optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9))
@@ -6,17 +6,18 @@
         pipe.step(x, y)    # one tick
     pipe.flush()           # drain
 
-Tick semantics (method.md section 3): microbatch m entering at tick e runs its forward on
-stage k at tick e + k and its backward at tick e + k + d_k; within a tick every stage does
-its forward, then its backward, then applies that backward's gradient. Forwards are run
-first stage to last and backwards last to first, which gives the same numbers as any other
-order (a stage's work touches only its own weights) and lets a gradient cross a boundary in
-the same tick when d_k = d_{k+1} + 1 (the PipeDream 1F1B timing).
+The tick rule is `schedule.Timing` (method.md section 3): microbatch i of a segment enters at
+tick i, stage k runs its forward at tick i + k and its backward at tick i + k + d_k; within a
+tick every stage does its forward, then its backward, then applies that backward's gradient.
+Forwards are run first stage to last and backwards last to first, which gives the same
+numbers as any other order (a stage's work touches only its own weights) and lets a gradient
+cross a boundary in the same tick when d_k = d_{k+1} + 1 (PipeDream's 1F1B timing) or under
+`sync` (every stage, one microbatch, one tick: ordinary training).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,17 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from layerpipe.engine.stage import LossFn, Stage
-from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
-from layerpipe.plan import resolve_partition, stage_delays
-from layerpipe.plan.costs import param_costs
-from layerpipe.plan.layers import module_layers
-from layerpipe.weights import STRATEGIES, make_strategy
+from layerpipe.engine.stage import LossFn, OptimizerFactory, Stage, build_stages, sequential_modules
+from layerpipe.errors import LayerpipeError
+from layerpipe.plan import PipelineSpec, sequential_spec
+from layerpipe.schedule import Timing
+from layerpipe.weights import strategy_class
 
 log = logging.getLogger(__name__)
-
-OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-
 
 def default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)
@@ -53,47 +50,16 @@ class TickInfo:
     #: bytes the weight strategies held for past weights at the end of the tick
     weight_history_bytes: int = 0
 
-    def loss_values(self) -> list[float]:
-        return [float(v) for v in self.losses.values()]
 
-
-def check_delays(delays: Sequence[int]) -> list[int]:
-    """Delays the tick engine can run: a backward needs the next stage's gradient no later
-    than its own tick, so d_k >= d_{k+1} + 1, and the last stage needs d >= 0."""
-    out = [int(d) for d in delays]
-    if out and out[-1] < 0:
-        raise PlanError(f"stage {len(out) - 1} has a negative delay {out[-1]}")
-    for k in range(len(out) - 1):
-        if out[k] < out[k + 1] + 1:
-            raise PlanError(
-                f"stage {k} has delay {out[k]} but its gradient arrives from stage {k + 1} "
-                f"(delay {out[k + 1]}) no earlier than delay {out[k + 1] + 1}"
-            )
-    return out
-
-
-def plan_stages(
-    model: nn.Sequential,
-    stages: int | Sequence[int] | None,
-    weights: str,
-    schedule: str = "layerpipe",
-    delays: Sequence[int] | None = None,
-) -> tuple[list[int], list[int]]:
-    """(layers per stage, delay per stage) of a pipeline: the one place both engines (this
-    one and `engine.distributed`) derive them, so they always split a model the same way."""
-    if not isinstance(model, nn.Sequential):
-        raise PlanError(f"the model must be an nn.Sequential of layers, got {type(model).__name__}")
-    if weights not in STRATEGIES:
-        raise LayerpipeError(f"unknown weight strategy {weights!r}; choose one of: {', '.join(STRATEGIES)}")
-    # the same balance as `layerpipe plan` shows: parameter counts per layer
-    costs = param_costs(module_layers(model))
-    sizes = resolve_partition(len(model), stages, costs=costs)
-    num_stages = len(sizes)
-    if delays is None:
-        delays = stage_delays(num_stages, schedule)
-    elif len(delays) != num_stages:
-        raise PlanError(f"{len(delays)} delays given for {num_stages} stages")
-    return sizes, [0] * num_stages if weights == "sync" else check_delays(delays)
+def resolve_strategy(weights: str, schedule: str) -> tuple[str, str]:
+    """(strategy, schedule): `weights="sync"` is shorthand for the `sync` schedule, under which
+    nothing is ever stale, so the strategy that keeps no history (`latest`) is exact."""
+    if weights == "sync" or schedule == "sync":
+        if weights not in ("sync", "latest"):
+            raise LayerpipeError(f"the sync schedule needs no weight strategy; got weights={weights!r}")
+        return "latest", "sync"
+    strategy_class(weights)  # one line for an unknown name
+    return weights, schedule
 
 
 class Pipeline:
@@ -103,11 +69,13 @@ class Pipeline:
         model: the network; its parameters are trained in place.
         stages: layer counts per stage, an int K (K stages balanced by parameter count), or
             None (one layer per stage).
-        weights: `sync`, `stash`, `ema`, `latest`, or another of `layerpipe.weights.STRATEGIES`.
+        weights: a registered weight strategy (`layerpipe.weights.strategy_names()`:
+            `stash`, `ema`, `latest`, ...), or `sync` for ordinary training.
         optimizer: factory called once per stage with that stage's parameters.
         loss_fn: `loss_fn(output, target)` on the last stage's output.
-        schedule: `layerpipe` (d_k = 2 S(k)) or `pipedream` (d_k = S(k)).
+        schedule: `layerpipe` (d_k = 2 S(k)), `pipedream` (d_k = S(k)) or `sync`.
         delays: explicit per-stage delays in ticks, overriding `schedule`.
+        weight_options: keyword options of the strategy (e.g. {"alpha": 0.3} for `ema`).
     """
 
     def __init__(
@@ -119,55 +87,58 @@ class Pipeline:
         loss_fn: LossFn = F.cross_entropy,
         schedule: str = "layerpipe",
         delays: Sequence[int] | None = None,
+        weight_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.stage_sizes, self.delays = plan_stages(model, stages, weights, schedule, delays)
-        num_stages = len(self.stage_sizes)
+        strategy, schedule = resolve_strategy(weights, schedule)
+        self.spec = sequential_spec(model, stages, schedule, delays)
+        self.timing = Timing.of(self.spec)
         self.model = model
         self.weights = weights
-        self.schedule = schedule
-        self.synchronous = weights == "sync"
         self.loss_fn = loss_fn
-        optimizer = optimizer or default_optimizer
-        self.stages: list[Stage] = []
-        start = 0
-        for k, size in enumerate(self.stage_sizes):
-            module = model[start : start + size]  # shares the model's layers
-            start += size
-            self.stages.append(
-                Stage(
-                    k,
-                    module,
-                    self.delays[k],
-                    lambda ps, d, opt: make_strategy(weights, ps, d, opt),
-                    optimizer,
-                    is_last=k == num_stages - 1,
-                    loss_fn=loss_fn,
-                )
-            )
+        self.stages = build_stages(sequential_modules(model, self.spec), self.spec, strategy,
+                                   optimizer or default_optimizer, loss_fn, weight_options)
         self.tick = 0
-        # activations waiting at each stage's input: stage -> {microbatch: tensor}
+        # activations waiting at each stage's input, gradients at each stage's output:
+        # stage -> {microbatch: tensor}
         self._inbox: list[dict[int, Tensor]] = [{} for _ in self.stages]
-        # gradients waiting at each stage's output: stage -> {microbatch: tensor}
         self._grads: list[dict[int, Tensor]] = [{} for _ in self.stages]
         self._targets: dict[int, Tensor] = {}
-        self._entry: dict[int, int] = {}  # microbatch -> tick it entered
         self._next_mb = 0
-        log.info("pipeline: stages %s, delays %s, weights %s", self.stage_sizes, self.delays, weights)
+        # the current segment (see schedule.timing): its first tick and microbatch, its size
+        self._segment_tick = 0
+        self._segment_mb = 0
+        self._entered = 0
+        self._done = 0
+        log.info("pipeline: stages %s, delays %s, weights %s", list(self.spec.stage_sizes), list(self.spec.delays),
+                 weights)
 
     # -- public API ---------------------------------------------------------------------------
     @property
     def num_stages(self) -> int:
         return len(self.stages)
 
+    @property
+    def stage_sizes(self) -> list[int]:
+        return list(self.spec.stage_sizes)
+
+    @property
+    def delays(self) -> list[int]:
+        return list(self.spec.delays)
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer | None]:
+        """Every stage's optimizer, in stage order (None: a stage without parameters)."""
+        return [s.optimizer for s in self.stages]
+
     def step(self, x: Tensor, y: Tensor) -> TickInfo:
         """One tick in which microbatch (x, y) enters the pipeline."""
+        if not self.in_flight():  # a new segment starts with this microbatch
+            self._segment_tick, self._segment_mb, self._entered, self._done = self.tick, self._next_mb, 0, 0
         mb = self._next_mb
         self._next_mb += 1
-        if self.synchronous:
-            return self._sync_step(mb, x, y)
+        self._entered += 1
         self._inbox[0][mb] = x
         self._targets[mb] = y
-        self._entry[mb] = self.tick
         return self._run_tick()
 
     def flush(self) -> list[TickInfo]:
@@ -179,7 +150,7 @@ class Pipeline:
 
     def in_flight(self) -> int:
         """Microbatches entered whose last backward has not run yet."""
-        return len(self._entry)
+        return self._entered - self._done
 
     def weight_history_bytes(self) -> int:
         """Bytes the weight strategies hold right now for past weights."""
@@ -191,7 +162,7 @@ class Pipeline:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly; only between ticks with nothing in flight."""
         if self.in_flight():
-            raise RuntimeError("flush() the pipeline before taking a checkpoint")
+            raise LayerpipeError("flush() the pipeline before taking a checkpoint")
         return {"tick": self.tick, "next_mb": self._next_mb, "stages": [s.state_dict() for s in self.stages]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -203,13 +174,15 @@ class Pipeline:
 
     # -- the tick -------------------------------------------------------------------------------
     def _run_tick(self) -> TickInfo:
-        t = self.tick
-        info = TickInfo(t, staleness=[None] * self.num_stages)
+        t = self.tick - self._segment_tick  # tick within the segment
+        n, base, timing = self._entered, self._segment_mb, self.timing
+        info = TickInfo(self.tick, staleness=[None] * self.num_stages)
         last = self.num_stages - 1
         for k, stage in enumerate(self.stages):
-            mb = self._due(k, t, 0, self._inbox[k])
-            if mb is None:
+            i = timing.forward(k, t, n)
+            if i is None:
                 continue
+            mb = base + i
             x = self._inbox[k].pop(mb)
             if k == last:
                 info.losses[mb] = stage.forward(mb, x, self._targets.pop(mb))
@@ -217,37 +190,17 @@ class Pipeline:
                 self._inbox[k + 1][mb] = stage.forward(mb, x)
         for k in range(last, -1, -1):
             stage = self.stages[k]
-            mb = self._due(k, t, stage.delay, stage.inflight)
-            if mb is None:
+            i = timing.backward(k, t, n)
+            if i is None:
                 continue
+            mb = base + i
             info.staleness[k] = stage.strategy.updates_since(stage.inflight[mb].version)
             grad = stage.backward(mb, None if k == last else self._grads[k].pop(mb))
             if k > 0:
                 self._grads[k - 1][mb] = grad
             else:
-                del self._entry[mb]
+                self._done += 1
             stage.update()
         info.weight_history_bytes = self.weight_history_bytes()
-        self.tick += 1
-        return info
-
-    def _due(self, k: int, t: int, delay: int, waiting: dict[int, Any]) -> int | None:
-        """The microbatch whose action on stage k falls in tick t, if it is waiting there."""
-        for mb in waiting:
-            if self._entry[mb] + k + delay == t:
-                return mb
-        return None
-
-    def _sync_step(self, mb: int, x: Tensor, y: Tensor) -> TickInfo:
-        """Ordinary training: forward, backward and update of one microbatch."""
-        for p in self.model.parameters():
-            p.grad = None
-        loss = self.loss_fn(self.model(x), y)
-        if not torch.isfinite(loss.detach()).all():
-            raise TrainingDiverged(f"the loss of microbatch {mb} is {loss.item()}; training stopped")
-        loss.backward()
-        for stage in self.stages:
-            stage.update()
-        info = TickInfo(self.tick, {mb: loss.detach()}, [0 if s.optimizer else None for s in self.stages])
         self.tick += 1
         return info

@@ -11,10 +11,19 @@ only a reference to it, and the unpack hook, called during the backward, hands a
 same view of the tensor the weight strategy chose (the stashed version, the EMA
 reconstruction, or the live weights). Activations are saved as usual. The weight gradient
 itself needs no weights, so it always lands in `param.grad` for the optimizer.
+
+Two other forms a weight takes before autograd saves it are handled the same way:
+- a dtype cast under `torch.autocast` (a copy whose autograd parent is the parameter): the
+  pack hook keeps a reference and the dtype; the backward gets the chosen version, cast as
+  the forward cast it;
+- a recompute under activation checkpointing (`torch.utils.checkpoint`): the recompute runs
+  during the backward and reads the parameters themselves, so for the length of a backward
+  whose weights differ from the live ones the parameters' `.data` point at the chosen
+  version (nothing is modified in place; the optimizer never sees it).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,19 +31,23 @@ import torch
 from torch import Tensor, nn
 
 from layerpipe.errors import TrainingDiverged
-from layerpipe.weights import WeightStrategy
+from layerpipe.plan import PipelineSpec
+from layerpipe.weights import WeightStrategy, make_strategy
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
 @dataclass(frozen=True)
 class _ParamRef:
-    """What the pack hook keeps instead of a saved parameter: which one, and which view."""
+    """What the pack hook keeps instead of a saved parameter: which one, which view, and the
+    dtype autocast cast it to (None: not cast)."""
 
     index: int
     size: torch.Size
     stride: tuple[int, ...]
-    offset: int  # storage offset relative to the parameter's own
+    offset: int  # storage offset relative to the parameter's own (or its cast copy's)
+    dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -71,8 +84,8 @@ class Stage:
         self.optimizer = optimizer_factory(self.params) if (self.params and optimizer_factory) else None
         self.strategy = strategy_factory(self.params, delay, self.optimizer)
         self.inflight: dict[int, InFlight] = {}
-        self.updates = 0
         self._storage_index = {p.untyped_storage().data_ptr(): i for i, p in enumerate(self.params)}
+        self._param_index = {id(p): i for i, p in enumerate(self.params)}
         self._backward_weights: list[Tensor] | None = None
 
     # -- saved-tensor hooks -----------------------------------------------------------------
@@ -80,9 +93,18 @@ class Stage:
         if t.layout != torch.strided or t.device.type == "meta":
             return t
         i = self._storage_index.get(t.untyped_storage().data_ptr())
-        if i is None:
-            return t
-        return _ParamRef(i, t.size(), t.stride(), t.storage_offset() - self.params[i].storage_offset())
+        if i is not None:
+            return _ParamRef(i, t.size(), t.stride(), t.storage_offset() - self.params[i].storage_offset())
+        # autocast's copy of a parameter (or a view of one): its grad_fn is the cast, and
+        # the cast's only input is the parameter's gradient accumulator
+        base = t._base if t._base is not None else t
+        fn = base.grad_fn
+        if fn is not None and type(fn).__name__ == "ToCopyBackward0":
+            source = fn.next_functions[0][0]
+            i = self._param_index.get(id(getattr(source, "variable", None)))
+            if i is not None and base.shape == self.params[i].shape:
+                return _ParamRef(i, t.size(), t.stride(), t.storage_offset() - base.storage_offset(), base.dtype)
+        return t
 
     def _unpack(self, packed: Any) -> Tensor:
         if not isinstance(packed, _ParamRef):
@@ -90,6 +112,8 @@ class Stage:
         if self._backward_weights is None:
             raise RuntimeError("a saved parameter was read outside this stage's backward")
         w = self._backward_weights[packed.index]
+        if packed.dtype is not None and packed.dtype != w.dtype:
+            w = w.to(packed.dtype)  # the forward's autocast cast, repeated on the chosen version
         if packed.offset == 0 and w.size() == packed.size and w.stride() == packed.stride:
             return w
         return w.as_strided(packed.size, packed.stride, w.storage_offset() + packed.offset)
@@ -118,13 +142,22 @@ class Stage:
         item = self.inflight.pop(mb)
         for p in self.params:
             p.grad = None
-        self._backward_weights = self.strategy.backward_weights(item.version)
+        weights = self._backward_weights = self.strategy.backward_weights(item.version)
+        # a recompute (activation checkpointing) reads the parameters themselves: point them at
+        # the chosen version while the backward runs; the live storage comes back after
+        live = None if weights is self.strategy.params else [p.data for p in self.params]
         try:
+            if live is not None:
+                for p, w in zip(self.params, weights):
+                    p.data = w
             if self.is_last:
                 item.output.backward()
             elif item.output.requires_grad:
                 item.output.backward(grad_output)
         finally:
+            if live is not None:
+                for p, w in zip(self.params, live):
+                    p.data = w
             self._backward_weights = None
             self.strategy.release(item.version)
         return item.inputs.grad if item.inputs.requires_grad else None
@@ -137,7 +170,6 @@ class Stage:
         self.strategy.after_update()
         for p in self.params:
             p.grad = None
-        self.updates += 1
 
     # -- reporting and checkpoints ----------------------------------------------------------
     def parameter_bytes(self) -> int:
@@ -150,7 +182,6 @@ class Stage:
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "strategy": self.strategy.state_dict(),
-            "updates": self.updates,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -158,4 +189,27 @@ class Stage:
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.strategy.load_state_dict(state["strategy"])
-        self.updates = int(state["updates"])
+
+
+def build_stages(
+    modules: Sequence[nn.Module],
+    spec: PipelineSpec,
+    weights: str,
+    optimizer: OptimizerFactory | None,
+    loss_fn: LossFn,
+    weight_options: Mapping[str, Any] | None = None,
+    only: int | None = None,
+) -> list[Stage]:
+    """One `Stage` per module (or only stage `only`), each with its optimizer and strategy."""
+    options = dict(weight_options or {})
+    last = spec.num_stages - 1
+    return [
+        Stage(k, modules[k], spec.delays[k], lambda ps, d, opt: make_strategy(weights, ps, d, opt, **options),
+              optimizer, is_last=k == last, loss_fn=loss_fn)
+        for k in range(spec.num_stages) if only is None or k == only
+    ]
+
+
+def sequential_modules(model: nn.Sequential, spec: PipelineSpec) -> list[nn.Module]:
+    """The stages of an nn.Sequential as slices (sharing the model's layers)."""
+    return [model[a:b] for a, b in spec.bounds()]

@@ -14,7 +14,7 @@ Blocks (5 by default, so the model splits into up to 5 stages):
 The three strided blocks cost about the same (~61 k multiply-adds per sample each), stem
 and head are cheap. BatchNorm (`norm=True`, the default) matters for pipelining: it makes
 each block's output invariant to the scale of its weights, so a stale gradient moves the
-function less. With the recipe of `layerpipe.train.RECIPES` (Adam lr 2e-3, batch 64,
+function less. With the recipe of `layerpipe.training.RECIPES` (Adam lr 2e-3, batch 64,
 30 epochs; 3 seeds, docs/results.md) sync training reaches 97.4% with BatchNorm and 90.0%
 without, exact stashing at 4 stages 97.4% with it and 83.1% without. The engine runs each
 forward once per microbatch (no recomputation), so the running statistics are updated

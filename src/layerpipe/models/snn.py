@@ -16,7 +16,7 @@ next one, so any contiguous split into stages is valid:
 BatchNorm over all T*B frames (`norm=True`, the default; tdBN of Zheng et al. 2021 without
 its threshold scaling) keeps every layer's input currents at a fixed scale, so that firing
 rates survive weight updates. This is what makes the network trainable with stale
-gradients: with the recipe of `layerpipe.train.RECIPES` (Adam lr 3e-3, 25 epochs; seeds
+gradients: with the recipe of `layerpipe.training.RECIPES` (Adam lr 3e-3, 25 epochs; seeds
 0-2, docs/results.md) exact stashing at 4 stages reaches 93.1% with it and 73.7% without,
 while sync training loses a little to it (92.7% with, 94.0% without).
 

@@ -7,7 +7,8 @@
 
 Modules, in the order data flows: `layers` (what a layer is), `costs` (what balancing
 equalises), `partition` (layers -> stages), `delays` (the delay rule), `planner` (the `Plan`),
-`graph` (the training data-flow graph), `retiming` (delays -> stage registers, legality).
+`graph` (the training data-flow graph), `retiming` (delays -> stage registers, legality),
+`spec` (the validated `PipelineSpec` the engines run).
 Pure Python: torch is imported only to read a model or time its layers.
 """
 from layerpipe.plan.delays import SCHEDULES, downstream_stages, layer_delays, stage_delays
@@ -15,9 +16,15 @@ from layerpipe.plan.layers import LayerInfo, describe_layers
 from layerpipe.plan.partition import balanced_partition, parse_stages, resolve_partition
 from layerpipe.plan.planner import LayerPlan, Plan, StagePlan, history_bytes, make_plan
 from layerpipe.plan.retiming import RetimingReport, ShortLoop, verify_delays
+from layerpipe.plan.spec import ENGINE_SCHEDULES, PipelineSpec, check_delays, make_spec, sequential_spec
 
 __all__ = [
+    "ENGINE_SCHEDULES",
     "SCHEDULES",
+    "PipelineSpec",
+    "check_delays",
+    "make_spec",
+    "sequential_spec",
     "LayerInfo",
     "LayerPlan",
     "Plan",

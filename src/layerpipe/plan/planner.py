@@ -17,7 +17,7 @@ Per layer l on stage k: S(l) = K-1-k, the delay d_k in ticks of the chosen sched
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,13 +29,15 @@ from layerpipe.plan.partition import resolve_partition, stage_costs
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("stash", "ema", "latest")
+#: strategy name -> copies of a stage's weights it holds at delay d; the planner does not
+#: know the strategies: the caller passes `layerpipe.weights.memory_formulas()`
+MemoryFormulas = Mapping[str, Callable[[int], int]]
 
 
-def history_bytes(param_bytes: int, delay: int) -> dict[str, int]:
+def history_bytes(param_bytes: int, delay: int, memory: MemoryFormulas) -> dict[str, int]:
     """Bytes of weight history each strategy holds for parameters of `param_bytes` bytes
-    updated with a delay of `delay` ticks (method.md sec 4)."""
-    return {"stash": delay * param_bytes, "ema": param_bytes if delay > 0 else 0, "latest": 0}
+    updated with a delay of `delay` ticks (method.md sec 4), from each strategy's formula."""
+    return {name: versions(delay) * param_bytes for name, versions in memory.items()}
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,11 @@ class Plan:
         return len(self.stages)
 
     @property
+    def strategies(self) -> list[str]:
+        """The strategies whose memory the plan shows."""
+        return list(self.stages[0].bytes) if self.stages else []
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers)
 
@@ -119,7 +126,7 @@ class Plan:
             "param_bytes": sum(s.param_bytes for s in self.stages),
             "bottleneck_cost": max(s.cost for s in self.stages),
             "stash_versions": sum(s.stash_versions for s in self.stages),
-            "bytes": {k: sum(s.bytes[k] for s in self.stages) for k in STRATEGIES},
+            "bytes": {k: sum(s.bytes[k] for s in self.stages) for k in self.strategies},
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +163,7 @@ def make_plan(
     balance: str = "params",
     delays: Sequence[int] | None = None,
     example_input: Any = None,
+    memory: MemoryFormulas | None = None,
 ) -> Plan:
     """Plan a pipeline.
 
@@ -167,7 +175,11 @@ def make_plan(
               needs a model, and `example_input` unless `source` is a model name).
     delays:   per-stage delays to use instead of the delay rule (checked by `plan.retiming`,
               not here: a plan with short delays is still a plan, just not a legal one).
+    memory:   strategy name -> versions held at delay d, e.g.
+              `layerpipe.weights.memory_formulas(["stash", "ema", "latest"])`; None: no
+              memory columns.
     """
+    memory = memory or {}
     if schedule not in SCHEDULES:
         raise PlanError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     if balance not in BALANCE_MODES:
@@ -228,7 +240,7 @@ def make_plan(
                     delay=d,
                     required_delay=rule[k],
                     stash_versions=d,
-                    bytes=history_bytes(info.param_bytes, d),
+                    bytes=history_bytes(info.param_bytes, d, memory),
                 )
             )
         pbytes = sum(layers[i].param_bytes for i in members)
@@ -243,7 +255,7 @@ def make_plan(
                 delay=d,
                 required_delay=rule[k],
                 stash_versions=d,
-                bytes=history_bytes(pbytes, d),
+                bytes=history_bytes(pbytes, d, memory),
             )
         )
     log.debug("plan: %d layers in stages %s, delays %s (%s)", len(layers), sizes, per_stage, schedule)

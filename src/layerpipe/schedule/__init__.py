@@ -5,7 +5,8 @@
     >>> print(format_grid(ticks, 4))                      # doctest: +SKIP
 """
 from layerpipe.schedule.actions import Action
-from layerpipe.schedule.builder import TickSchedule, build_schedule, resolve_delays, stage_rows
+from layerpipe.schedule.builder import TickSchedule, build_schedule, resolve_timing, stage_rows
+from layerpipe.schedule.timing import Timing
 from layerpipe.schedule.view import format_grid, save_png
 
-__all__ = ["Action", "TickSchedule", "build_schedule", "format_grid", "resolve_delays", "save_png", "stage_rows"]
+__all__ = ["Action", "TickSchedule", "Timing", "build_schedule", "format_grid", "resolve_timing", "save_png", "stage_rows"]

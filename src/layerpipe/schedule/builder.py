@@ -4,10 +4,11 @@
     >>> {t: [str(a) for a in acts] for t, acts in ticks.items()}
     {0: ['0F0'], 1: ['0F1', '1F0', '1B0'], 2: ['0F2', '0B0', '1F1', '1B1'], 3: ['0B1', '1F2', '1B2'], 4: ['0B2']}
 
-Microbatch m enters at tick m; stage k runs its forward at tick m + k and its backward (and
-the update with that gradient) at tick m + k + d_k; ticks go on without new microbatches
-until every backward is done. Within a tick, actions are listed by stage and, in a stage,
-forward before backward, the order the stage runs them in.
+The ticks come from `schedule.timing.Timing`, the same tick rule both engines execute:
+microbatch m enters at tick m; stage k runs its forward at tick m + k and its backward (and
+the update with that gradient) at tick m + k + d_k (`sync`: everything at tick m); ticks go
+on without new microbatches until every backward is done. Within a tick, actions are listed
+by stage and, in a stage, forward before backward, the order the stage runs them in.
 """
 from __future__ import annotations
 
@@ -16,41 +17,45 @@ from collections.abc import Sequence
 from layerpipe.errors import PlanError
 from layerpipe.plan.delays import SCHEDULES, stage_delays
 from layerpipe.schedule.actions import Action
+from layerpipe.schedule.timing import Timing
 
 TickSchedule = dict[int, list[Action]]
 """Actions per tick, every tick from 0 to the last backward present (possibly empty)."""
 
 
-def resolve_delays(num_stages: int, delays: Sequence[int] | str) -> list[int]:
-    """Per-stage delays from a list, or from a schedule name through the delay rule."""
+def resolve_timing(num_stages: int, delays: Sequence[int] | str) -> Timing:
+    """The timing of per-stage delays given as a list, or as a schedule name ("layerpipe",
+    "pipedream": the delay rule; "sync": no pipelining)."""
+    if num_stages < 1:
+        raise PlanError(f"need at least one stage, got {num_stages}")
     if isinstance(delays, str):
+        if delays == "sync":
+            return Timing((0,) * num_stages, synchronous=True)
         if delays not in SCHEDULES:
-            raise PlanError(f"unknown schedule {delays!r}; choose one of: {', '.join(SCHEDULES)}")
-        return stage_delays(num_stages, delays)
+            raise PlanError(f"unknown schedule {delays!r}; choose one of: {', '.join((*SCHEDULES, 'sync'))}")
+        return Timing.from_delays(stage_delays(num_stages, delays))
     values = [int(d) for d in delays]
     if len(values) != num_stages:
         raise PlanError(f"{len(values)} delays given for {num_stages} stages")
     if any(d < 0 for d in values):
         raise PlanError(f"delays must be >= 0, got {values}")
-    return values
+    return Timing.from_delays(values)
 
 
-def build_schedule(num_stages: int, num_microbatches: int, delays: Sequence[int] | str) -> TickSchedule:
+def build_schedule(num_stages: int, num_microbatches: int, delays: Sequence[int] | str | Timing) -> TickSchedule:
     """The actions of every tick for `num_microbatches` microbatches through `num_stages`
-    stages with per-stage `delays` (or a schedule name: "layerpipe", "pipedream")."""
-    if num_stages < 1:
-        raise PlanError(f"need at least one stage, got {num_stages}")
+    stages with per-stage `delays` (a list, a schedule name, or a `Timing`)."""
     if num_microbatches < 1:
         raise PlanError(f"need at least one microbatch, got {num_microbatches}")
-    d = resolve_delays(num_stages, delays)
-    last = max(m + k + d[k] for m in range(num_microbatches) for k in range(num_stages))
-    ticks: TickSchedule = {t: [] for t in range(last + 1)}
-    for m in range(num_microbatches):
+    timing = delays if isinstance(delays, Timing) else resolve_timing(num_stages, delays)
+    n = num_microbatches
+    ticks: TickSchedule = {}
+    for t in range(timing.length(n)):
+        acts = ticks[t] = []
         for k in range(num_stages):
-            ticks[m + k].append(Action(k, "F", m))
-            ticks[m + k + d[k]].append(Action(k, "B", m))
-    for acts in ticks.values():
-        acts.sort(key=lambda a: (a.stage, a.kind != "F"))
+            for kind, i in (("F", timing.forward(k, t, n)), ("B", timing.backward(k, t, n))):
+                if i is not None:
+                    acts.append(Action(k, kind, i))
     return ticks
 
 

@@ -1,40 +1,47 @@
 """Weight strategies: which weights a delayed backward pass uses, and what that costs.
 
-`sync` and `stash` are exact; `ema` is the LayerPipe2 reconstruction; `latest` is the
-no-correction baseline; `weight-ema`, `extrapolate` and `momentum` are other estimators kept
-for comparison; `probe` trains like `stash` and measures every estimator against it.
+`stash` is exact; `ema` is the LayerPipe2 reconstruction; `latest` is the no-correction
+baseline; `weight-ema`, `extrapolate` and `momentum` are other estimators kept for
+comparison; `probe` trains like `stash` and measures every estimator against it.
+
+    strategy = make_strategy("ema", stage_params, delay=4, optimizer=opt, alpha=0.3)
+
+Adding a strategy: one file under `weights/` with a `WeightStrategy` subclass decorated with
+`@register_strategy` (see `registry.py`); every module of this package is imported here, so
+the engines, the CLI and the contract tests (tests/test_weights_contract.py) pick it up.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+import pkgutil
 
-import torch
-from torch import Tensor
-
-from layerpipe.errors import LayerpipeError
+# the main strategies first: the registry keeps this order for help texts and tables
+from layerpipe.weights import stash as _stash  # noqa: F401
+from layerpipe.weights import ema as _ema  # noqa: F401
+from layerpipe.weights import simple as _simple  # noqa: F401
+from layerpipe.weights import estimators as _estimators  # noqa: F401
+from layerpipe.weights import probe as _probe  # noqa: F401
 from layerpipe.weights.base import WeightStrategy
-from layerpipe.weights.ema import UpdateEMA
-from layerpipe.weights.estimators import Extrapolate, MomentumReuse, WeightEMA
 from layerpipe.weights.flat import FlatBuffer
-from layerpipe.weights.probe import ReconstructionProbe
-from layerpipe.weights.simple import Latest, Sync
-from layerpipe.weights.stash import Stash
+from layerpipe.weights.registry import (
+    make_strategy,
+    memory_formulas,
+    register_strategy,
+    strategy_class,
+    strategy_help,
+    strategy_names,
+)
 
-STRATEGIES: dict[str, type[WeightStrategy]] = {
-    cls.name: cls for cls in (Sync, Stash, UpdateEMA, Latest, WeightEMA, Extrapolate, MomentumReuse, ReconstructionProbe)
-}
-#: the paper's comparison, in report order
-MAIN_STRATEGIES = ("sync", "stash", "ema", "latest")
+for _module in pkgutil.iter_modules(__path__):  # any other strategy file in this package
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-
-def make_strategy(
-    name: str, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer | None = None
-) -> WeightStrategy:
-    try:
-        cls = STRATEGIES[name]
-    except KeyError:
-        raise LayerpipeError(f"unknown weight strategy {name!r}; choose one of: {', '.join(STRATEGIES)}") from None
-    return cls(params, delay, optimizer)
-
-
-__all__ = ["MAIN_STRATEGIES", "STRATEGIES", "FlatBuffer", "WeightStrategy", "make_strategy"]
+__all__ = [
+    "FlatBuffer",
+    "WeightStrategy",
+    "make_strategy",
+    "memory_formulas",
+    "register_strategy",
+    "strategy_class",
+    "strategy_help",
+    "strategy_names",
+]

@@ -5,11 +5,11 @@ the weights that forward used; the optimizer has changed them since. A strategy 
 about every forward (`record_forward` returns a version number), wraps every optimizer
 step (`before_update`, `after_update`) and, when the backward runs, returns one tensor per
 parameter to stand in for the parameters autograd saved (`backward_weights`). It reports
-the bytes it holds for weight history, counted from the tensors it keeps.
+the bytes it holds for weight history, counted from the tensors it keeps, and declares how
+many versions of the stage's weights that is (`history_versions`, the planner's formula).
 """
 from __future__ import annotations
 
-from abc import ABC
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -17,18 +17,24 @@ import torch
 from torch import Tensor
 
 
-class WeightStrategy(ABC):
+class WeightStrategy:
     """Base class: no weight history at all (the backward sees the current weights)."""
 
     name: ClassVar[str] = "base"
-    #: True when backward weights may differ from forward weights (an approximation)
-    approximate: ClassVar[bool] = True
+    #: False for measurement tools that cannot be saved in a checkpoint
+    checkpointable: ClassVar[bool] = True
 
     def __init__(self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.params = [p.detach() for p in params]  # detached aliases: see in-place updates, no autograd
         self.delay = delay
         self.optimizer = optimizer
         self.version = 0  # number of optimizer steps applied to this stage
+
+    @staticmethod
+    def history_versions(delay: int) -> int:
+        """How many copies of a stage's weights this strategy holds at gradient delay `delay`
+        (steady state; the planner multiplies it by the stage's parameter bytes)."""
+        return 0
 
     # -- hooks called by the engine ------------------------------------------------------
     def record_forward(self) -> int:
@@ -49,6 +55,9 @@ class WeightStrategy(ABC):
         """Called right after the optimizer stepped."""
         self.version += 1
 
+    def updates_since(self, version: int) -> int:
+        return self.version - version
+
     # -- reporting and checkpoints --------------------------------------------------------
     def history_bytes(self) -> int:
         """Bytes held for weight history (not counting the live parameters)."""
@@ -59,6 +68,3 @@ class WeightStrategy(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.version = int(state["version"])
-
-    def updates_since(self, version: int) -> int:
-        return self.version - version

@@ -11,6 +11,7 @@ applied updates, not gradients, so it works with any optimizer.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,14 +19,22 @@ from torch import Tensor
 
 from layerpipe.weights.base import WeightStrategy
 from layerpipe.weights.flat import FlatBuffer
+from layerpipe.weights.registry import register_strategy
 
 
+@register_strategy
 class UpdateEMA(WeightStrategy):
-    """W_then = W_now - n * bias_corrected_EMA(dW), decay from the stage's delay."""
+    """LayerPipe2 reconstruction W_now - n * EMA(applied updates), one buffer per delayed stage"""
 
     name = "ema"
 
-    def __init__(self, params, delay, optimizer=None, alpha: float | None = None) -> None:
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        delay: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        alpha: float | None = None,
+    ) -> None:
         super().__init__(params, delay, optimizer)
         self.alpha = alpha if alpha is not None else 2.0 / (delay + 1)
         self.steps = 0  # updates folded into the average, for bias correction
@@ -67,6 +76,10 @@ class UpdateEMA(WeightStrategy):
             torch._foreach_add_(self._avg.views, self.params, alpha=self.alpha)
         self.steps += 1
 
+    @staticmethod
+    def history_versions(delay: int) -> int:
+        return 1 if delay > 0 else 0
+
     def history_bytes(self) -> int:
         return self._avg.nbytes if self._avg is not None else 0
 
@@ -74,11 +87,11 @@ class UpdateEMA(WeightStrategy):
         state = super().state_dict()
         state["steps"] = self.steps
         if self._avg is not None:
-            state["avg"] = [t.clone() for t in self._avg.views]
+            state["avg"] = self._avg.state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.steps = int(state["steps"])
         if self._avg is not None:
-            self._avg.copy_from([t.to(p.device) for t, p in zip(state["avg"], self.params)])
+            self._avg.load_state(state["avg"])

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,12 +17,16 @@ from torch import Tensor
 from layerpipe.errors import LayerpipeError
 from layerpipe.weights.base import WeightStrategy
 from layerpipe.weights.flat import FlatBuffer
+from layerpipe.weights.registry import register_strategy
 
 
+@register_strategy
 class WeightEMA(WeightStrategy):
+    """a plain EMA of the weights (decay 0.9) stands in for the old weights"""
+
     name = "weight-ema"
 
-    def __init__(self, params, delay, optimizer=None, decay: float = 0.9) -> None:
+    def __init__(self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer | None = None, decay: float = 0.9) -> None:
         super().__init__(params, delay, optimizer)
         self.decay = decay
         self._avg: FlatBuffer | None = None
@@ -39,25 +44,32 @@ class WeightEMA(WeightStrategy):
         if self._avg is not None:
             torch._foreach_lerp_(self._avg.views, self.params, 1.0 - self.decay)
 
+    @staticmethod
+    def history_versions(delay: int) -> int:
+        return 1 if delay > 0 else 0
+
     def history_bytes(self) -> int:
         return self._avg.nbytes if self._avg is not None else 0
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self._avg is not None:
-            state["avg"] = [t.clone() for t in self._avg.views]
+            state["avg"] = self._avg.state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if self._avg is not None:
-            self._avg.copy_from([t.to(p.device) for t, p in zip(state["avg"], self.params)])
+            self._avg.load_state(state["avg"])
 
 
+@register_strategy
 class Extrapolate(WeightStrategy):
+    """W_now - n * (last applied update)"""
+
     name = "extrapolate"
 
-    def __init__(self, params, delay, optimizer=None) -> None:
+    def __init__(self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         super().__init__(params, delay, optimizer)
         self._last = FlatBuffer(self.params, zero=True) if delay > 0 and self.params else None
         self._before: list[Tensor] | None = None
@@ -78,25 +90,32 @@ class Extrapolate(WeightStrategy):
             self._last.copy_from(torch._foreach_sub(self.params, self._before))
             self._before = None
 
+    @staticmethod
+    def history_versions(delay: int) -> int:
+        return 1 if delay > 0 else 0
+
     def history_bytes(self) -> int:
         return self._last.nbytes if self._last is not None else 0
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self._last is not None:
-            state["last"] = [t.clone() for t in self._last.views]
+            state["last"] = self._last.state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if self._last is not None:
-            self._last.copy_from([t.to(p.device) for t, p in zip(state["last"], self.params)])
+            self._last.load_state(state["last"])
 
 
+@register_strategy
 class MomentumReuse(WeightStrategy):
+    """SpecTrain-style W_now + n * lr * (SGD momentum buffer), zero extra memory"""
+
     name = "momentum"
 
-    def __init__(self, params, delay, optimizer=None) -> None:
+    def __init__(self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         super().__init__(params, delay, optimizer)
         if delay > 0 and self.params and not _is_sgd_with_momentum(optimizer):
             raise LayerpipeError("weights 'momentum' needs torch.optim.SGD with momentum > 0")

@@ -3,7 +3,8 @@
 One contiguous tensor per (dtype, device) group holds a copy of every parameter; `views` are
 shaped like the parameters, so `torch._foreach_*` ops touch all of them in a few kernel
 launches instead of one Python iteration per tensor (measured on an H200 for ResNet-18:
-1.3 ms per-tensor loop vs 0.035 ms flat).
+1.3 ms per-tensor loop vs 0.035 ms flat). `state()` and `load_state()` are the one place
+a strategy's buffers go to and come back from a checkpoint.
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ class FlatBuffer:
         if self.views:
             torch._foreach_copy_(self.views, list(tensors))
 
-    def zero_(self) -> None:
-        for f in self.flats:
-            f.zero_()
+    def state(self) -> list[Tensor]:
+        """Copies of the views, for a checkpoint."""
+        return [t.clone() for t in self.views]
+
+    def load_state(self, tensors: Sequence[Tensor]) -> None:
+        """The inverse of `state()`; tensors may come from another device."""
+        self.copy_from([t.to(v.device) for t, v in zip(tensors, self.views)])

@@ -8,7 +8,7 @@ divided by `latest`'s (how much of the staleness error the estimator removes).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,16 +18,21 @@ from layerpipe.errors import LayerpipeError
 from layerpipe.weights.base import WeightStrategy
 from layerpipe.weights.ema import UpdateEMA
 from layerpipe.weights.estimators import Extrapolate, MomentumReuse, WeightEMA
+from layerpipe.weights.registry import register_strategy
 from layerpipe.weights.simple import Latest
 from layerpipe.weights.stash import Stash
 
 SHADOWS = (UpdateEMA, Latest, Extrapolate, WeightEMA, MomentumReuse)
 
 
+@register_strategy
 class ReconstructionProbe(Stash):
-    name = "probe"
+    """trains like stash while measuring every estimator's reconstruction error"""
 
-    def __init__(self, params, delay, optimizer=None) -> None:
+    name = "probe"
+    checkpointable = False
+
+    def __init__(self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         super().__init__(params, delay, optimizer)
         self.shadows = {}
         for name, make in self.shadow_factories(delay).items():
@@ -74,4 +79,4 @@ class ReconstructionProbe(Stash):
         return {name: (e / base if base > 0 else 0.0) for name, e in self.errors().items()}
 
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError("the probe is a measurement tool; it does not checkpoint")
+        raise LayerpipeError("weights 'probe' is a measurement tool; it cannot be checkpointed")

@@ -8,19 +8,24 @@ Freed buffers are reused, so steady state allocates nothing.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from layerpipe.weights.base import WeightStrategy
 from layerpipe.weights.flat import FlatBuffer
+from layerpipe.weights.registry import register_strategy
 
 
+@register_strategy
 class Stash(WeightStrategy):
-    name = "stash"
-    approximate = False
+    """exact stored versions (PipeDream weight stashing), d_k copies of the stage's weights"""
 
-    def __init__(self, params, delay, optimizer=None) -> None:
+    name = "stash"
+
+    def __init__(self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         super().__init__(params, delay, optimizer)
         self._pending: Counter[int] = Counter()  # version -> backwards still to run
         self._saved: dict[int, FlatBuffer] = {}
@@ -49,6 +54,10 @@ class Stash(WeightStrategy):
             buf.copy_from(self.params)
             self._saved[self.version] = buf
 
+    @staticmethod
+    def history_versions(delay: int) -> int:
+        return delay
+
     def history_bytes(self) -> int:
         return sum(b.nbytes for b in self._saved.values()) + sum(b.nbytes for b in self._free)
 
@@ -56,7 +65,7 @@ class Stash(WeightStrategy):
         return {
             "version": self.version,
             "pending": dict(self._pending),
-            "saved": {v: [t.clone() for t in b.views] for v, b in self._saved.items()},
+            "saved": {v: b.state() for v, b in self._saved.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -65,6 +74,6 @@ class Stash(WeightStrategy):
         self._saved, self._free = {}, []
         for v, tensors in state["saved"].items():
             buf = FlatBuffer(self.params)
-            buf.copy_from([t.to(p.device) for t, p in zip(tensors, self.params)])
+            buf.load_state(tensors)
             self._saved[int(v)] = buf
 

@@ -1,10 +1,10 @@
-"""Messages between pipeline stages on torch.distributed, with timeouts and failure reports.
+"""Messages between pipeline stages on torch.distributed: point-to-point with timeouts, and control.
 
     world = World.from_env()                     # RANK, WORLD_SIZE, MASTER_ADDR, ... (torchrun)
     comm = Comm(world, device="cpu", timeout=60.0)
     h = comm.post_recv(src=0, shape=(32, 128), dtype=torch.float32, tag=ACT)  # before computing
     ...                                          # compute; the message arrives meanwhile
-    x = comm.wait(h)                             # blocks; DistributedError names stage 0 on failure
+    x = comm.wait(h)                             # blocks; StageFailure names the stage at fault
     comm.send(dst=2, tensor=y, tag=ACT)          # returns at once; completion is awaited on a thread
 
 What gloo does on loopback (measured, torch 2.13), and what this module makes of it:
@@ -17,13 +17,10 @@ What gloo does on loopback (measured, torch 2.13), and what this module makes of
 - A peer that dies closes its sockets and every pending wait on it fails at once
   ("Connection closed by peer"); a failing stage therefore records its error in the store
   and leaves at once, and the failure ripples down the pipeline within milliseconds.
-- A peer that hangs is caught by the timeout. Each process's monitor thread publishes a
-  heartbeat and what its compute thread waits for; the stage that times out follows that
-  chain to the stage that is really stuck, so the report names it and not a neighbour.
 
-The first failure is recorded under one store key (compare-and-set: the first writer wins)
-and every process reports that same line. The store belongs to the launcher (`--nproc`) or
-torchrun's agent, so it survives any stage; without either, rank 0 hosts it.
+Failures are the business of `monitor.FailureMonitor` (one per process, `comm.monitor`). The
+store belongs to the launcher (`--nproc`) or torchrun's agent, so it survives any stage;
+without either, rank 0 hosts it.
 
 CUDA: NCCL serves processes that each own a GPU. Processes that share one GPU cannot
 exchange CUDA tensors (NCCL refuses two ranks on one device, gloo crashes), so there gloo
@@ -45,30 +42,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from layerpipe.errors import DistributedError, LayerpipeError
+from layerpipe.engine.distributed.monitor import FailureMonitor, StageFailure
+from layerpipe.errors import DistributedError
 
 log = logging.getLogger(__name__)
 
 # message tags: each direction of a link carries one kind in training, and gloo matches a
 # receive by (source, tag), so the tags only make the stream self-describing
 ACT, GRAD, EVAL, STATS = 1, 2, 3, 4
-
-#: seconds between heartbeats of the monitor thread
-HEARTBEAT_S = 0.5
-#: a stage whose heartbeat is older than this is taken as stopped
-STALE_S = 5.0
-#: seconds a process lets its compute thread notice a peer's failure before leaving by force
-FORCED_EXIT_GRACE_S = 5.0
-
-
-class StageFailure(DistributedError):
-    """A stage of a distributed run failed. `stage` names the stage at fault (None: unknown);
-    `local` is True in the process where the failure started."""
-
-    def __init__(self, message: str, stage: int | None = None, local: bool = False) -> None:
-        super().__init__(message)
-        self.stage = stage
-        self.local = local
 
 
 @dataclass(frozen=True)
@@ -142,10 +123,6 @@ class Pending:
     tag: int
 
 
-def _timedelta(seconds: float) -> _dt.timedelta:
-    return _dt.timedelta(seconds=float(seconds))
-
-
 class Comm:
     """Point-to-point messages and control for one stage process (see the module docstring).
 
@@ -155,8 +132,7 @@ class Comm:
         timeout: seconds any wait may take (init, receives, sends, barriers, store).
         backend: `auto`, `gloo` or `nccl` (see `choose_backend`).
         staging: force CPU copies of messages (the CUDA-with-gloo path), e.g. to test it.
-        forced_exit: called with the failure line when a peer failed and this process's
-            compute thread did not stop within `FORCED_EXIT_GRACE_S`; None: never force.
+        forced_exit: see `FailureMonitor`.
     """
 
     def __init__(
@@ -173,7 +149,7 @@ class Comm:
         self.rank, self.world_size = world.rank, world.world_size
         self.device = torch.device(device)
         self.timeout = float(timeout)
-        self._td = _timedelta(timeout)
+        self._td = _dt.timedelta(seconds=self.timeout)
         self.backend, auto_staging = choose_backend(self.device, backend, world)
         self.staging = auto_staging if staging is None else bool(staging)
         if self.device.type == "cuda":
@@ -191,16 +167,13 @@ class Comm:
             timeout=self._td,
         )
         self._closed = False
-        self.failure: StageFailure | None = None  # set by the monitor or the send thread
-        self._waiting: tuple[int, float] | None = None  # (peer, since) while blocked in a wait
+        self._collectives = 0
+        monitor_store = self._connect_store(client=True) if world.world_size > 1 else store
+        self.monitor = FailureMonitor(self.rank, self.world_size, self.ctl,
+                                      dist.PrefixStore(world.prefix + "ctl", monitor_store), self.timeout, forced_exit)
         self._sends: queue.Queue = queue.Queue()
         self._sender = threading.Thread(target=self._send_loop, name=f"layerpipe-send-{self.rank}", daemon=True)
         self._sender.start()
-        self._stop = threading.Event()
-        self._forced_exit = forced_exit
-        self._monitor_store = self._connect_store(client=True) if world.world_size > 1 else store
-        self._monitor = threading.Thread(target=self._monitor_loop, name=f"layerpipe-monitor-{self.rank}", daemon=True)
-        self._monitor.start()
 
     # -- set-up -------------------------------------------------------------------------------
     def _connect_store(self, client: bool = False):
@@ -220,6 +193,10 @@ class Comm:
             self._server_store = store
         return store
 
+    def check(self) -> None:
+        """Raise the run's failure if one is known here."""
+        self.monitor.check()
+
     # -- messages -----------------------------------------------------------------------------
     def post_recv(self, src: int, shape: Sequence[int], dtype: torch.dtype, tag: int) -> Pending:
         """Post a receive now (before computing), collect it later with `wait`."""
@@ -230,25 +207,22 @@ class Comm:
         try:
             work = dist.irecv(buf, src=src, tag=tag)
         except Exception as exc:  # the pair is already closed
-            raise self._peer_failed(src, exc) from None
+            raise self.monitor.peer_failed(src, exc) from None
         return Pending(work, buf, src, tag)
 
     def wait(self, pending: Pending) -> Tensor:
         """Block until a posted receive completes (at most `timeout` seconds)."""
         self.check()
-        self._waiting = (pending.src, time.time())
+        self.monitor.waiting = (pending.src, time.time())
         try:
             pending.work.wait(self._td)
         except Exception as exc:
-            raise self._peer_failed(pending.src, exc) from None
+            raise self.monitor.peer_failed(pending.src, exc) from None
         finally:
-            self._waiting = None
+            self.monitor.waiting = None
         if self.staging:
             return pending.buffer.to(self.device, non_blocking=self._pin)
         return pending.buffer
-
-    def recv(self, src: int, shape: Sequence[int], dtype: torch.dtype, tag: int) -> Tensor:
-        return self.wait(self.post_recv(src, shape, dtype, tag))
 
     def send(self, dst: int, tensor: Tensor, tag: int) -> None:
         """Start sending `tensor`; returns at once. The tensor must not be changed afterwards."""
@@ -260,7 +234,7 @@ class Comm:
         try:
             work = dist.isend(t, dst=dst, tag=tag)
         except Exception as exc:
-            raise self._peer_failed(dst, exc) from None
+            raise self.monitor.peer_failed(dst, exc) from None
         self._sends.put((work, t, dst))
 
     def _send_loop(self) -> None:
@@ -272,8 +246,8 @@ class Comm:
             try:
                 work.wait(self._td)
             except Exception as exc:  # reported to the compute thread by check()
-                if self.failure is None and not self._closed:
-                    self.failure = self._describe_peer_failure(dst, exc)
+                if self.monitor.failure is None and not self._closed:
+                    self.monitor.peer_failed(dst, exc)
             finally:
                 self._sends.task_done()
 
@@ -283,17 +257,32 @@ class Comm:
         self.check()
 
     # -- collectives and control ----------------------------------------------------------------
+    def _collective(self, what: str, run: Callable[[], Any]) -> Any:
+        """Run a collective; each rank marks its arrival in the store first, so a failure
+        names the ranks that never came (as data, not from the error text)."""
+        self._collectives += 1
+        key = f"arrived/{self._collectives}/"
+        self.ctl.set(key + str(self.rank), "1")
+        try:
+            return run()
+        except Exception as exc:
+            missing = []
+            for r in range(self.world_size):
+                try:
+                    if not self.ctl.check([key + str(r)]):
+                        missing.append(r)
+                except Exception:
+                    break
+            raise self.monitor.collective_failed(what, missing, exc) from None
+
     def barrier(self) -> None:
         self.flush_sends()
         if self.world_size == 1:
             return
-        try:
-            if self.backend == "gloo":
-                dist.monitored_barrier(timeout=self._td)  # names a rank that does not arrive
-            else:
-                dist.barrier()
-        except Exception as exc:
-            raise self._failed_collective("barrier", exc) from None
+        if self.backend == "gloo":
+            self._collective("barrier", lambda: dist.monitored_barrier(timeout=self._td))
+        else:
+            self._collective("barrier", dist.barrier)
 
     def share(self, name: str, value: str | None) -> str:
         """Rank 0's `value` on every rank (through the store)."""
@@ -304,144 +293,15 @@ class Comm:
         try:
             return self.ctl.get(key).decode()
         except Exception as exc:
-            raise self._failed_collective(f"reading {name!r} from rank 0", exc) from None
+            raise self.monitor.collective_failed(f"reading {name!r} from rank 0", [], exc) from None
 
     def gather_objects(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` on rank 0 (None elsewhere)."""
         if self.world_size == 1:
             return [obj]
         out = [None] * self.world_size if self.rank == 0 else None
-        try:
-            dist.gather_object(obj, out, dst=0)
-        except Exception as exc:
-            raise self._failed_collective("gathering the stages' states", exc) from None
+        self._collective("gathering the stages' states", lambda: dist.gather_object(obj, out, dst=0))
         return out
-
-    def check(self) -> None:
-        """Raise the recorded failure of a peer or of a send, if any."""
-        if self.failure is not None:
-            raise self.failure
-
-    # -- failures -------------------------------------------------------------------------------
-    def record_failure(self, message: str, stage: int | None, local: bool) -> StageFailure:
-        """Record `message` as the run's failure unless another was recorded first; return
-        the failure this process should raise (the first one recorded)."""
-        first = message
-        try:
-            first = self.ctl.compare_set("error", "", message).decode() or message
-        except Exception:  # the store is gone too
-            log.debug("rank %d could not record the failure in the store", self.rank)
-        if first != message:
-            return StageFailure(first, _stage_named(first), local=False)
-        return StageFailure(message, stage, local=local)
-
-    def fail_local(self, exc: BaseException) -> StageFailure:
-        """This stage raised `exc`: record it as the run's failure."""
-        if isinstance(exc, StageFailure):
-            return exc
-        text = str(exc) or type(exc).__name__
-        if not isinstance(exc, LayerpipeError):  # an unexpected error: name its type
-            text = f"{type(exc).__name__}: {text}"
-        failure = self.record_failure(f"stage {self.rank} failed: {text}", self.rank, local=True)
-        self.failure = self.failure or failure
-        return failure
-
-    def _peer_failed(self, peer: int, exc: BaseException) -> StageFailure:
-        failure = self.failure or self._describe_peer_failure(peer, exc)
-        self.failure = failure
-        return failure
-
-    def _describe_peer_failure(self, peer: int, exc: BaseException) -> StageFailure:
-        text = str(exc)
-        recorded = self._recorded_error(wait=1.0)
-        if recorded is not None:
-            return StageFailure(recorded, _stage_named(recorded))
-        if "timed out" in text.lower() or "timeout" in text.lower():
-            message = self._blame(peer)
-            stage = _stage_named(message)
-        elif "closed" in text.lower() or "reset" in text.lower() or "broken pipe" in text.lower():
-            stage = peer
-            message = f"stage {peer} is gone: its connection closed (the process crashed or was killed)"
-        else:
-            stage = peer
-            message = f"the link to stage {peer} failed: {text.splitlines()[0] if text else type(exc).__name__}"
-        log.debug("rank %d: %s (%s)", self.rank, message, text)
-        return self.record_failure(message, stage, local=False)
-
-    def _failed_collective(self, what: str, exc: BaseException) -> StageFailure:
-        recorded = self._recorded_error(wait=1.0)
-        if recorded is not None:
-            failure = StageFailure(recorded, _stage_named(recorded))
-        else:
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            stage = _rank_named(str(exc))
-            failure = self.record_failure(
-                f"{what} failed on stage {self.rank}: {text}" if stage is None else f"stage {stage} did not arrive at {what}",
-                stage, local=False,
-            )
-        self.failure = self.failure or failure
-        return failure
-
-    def _recorded_error(self, wait: float = 0.0) -> str | None:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                if self.ctl.check(["error"]):
-                    return self.ctl.get("error").decode()
-            except Exception:
-                return None
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.05)
-
-    def _blame(self, peer: int) -> str:
-        """The failure line after waiting `timeout` on `peer`: follow "waits for" from `peer`
-        to the stage that is really stuck, and name it."""
-        seen = {self.rank}
-        stage = peer
-        while True:
-            seen.add(stage)
-            try:
-                stamp, waiting_on, since = (float(v) for v in self.ctl.get(f"status/{stage}").decode().split())
-            except Exception:
-                return f"stage {stage} sent nothing for {self.timeout:g} s and has no status (see --timeout)"
-            now = time.time()
-            if now - stamp > STALE_S:
-                return (f"stage {stage} is not responding: no heartbeat for {now - stamp:.0f} s "
-                        f"(stopped or frozen; see --timeout)")
-            nxt = int(waiting_on)
-            if nxt < 0 or nxt in seen or now - since < self.timeout / 2:
-                return f"stage {stage} sent nothing for {self.timeout:g} s: it is alive but stuck (see --timeout)"
-            stage = nxt
-
-    # -- the monitor thread -----------------------------------------------------------------------
-    def _monitor_loop(self) -> None:
-        store = dist.PrefixStore(self.world.prefix + "ctl", self._monitor_store)
-        noticed: float | None = None
-        store_down: float | None = None
-        while not self._stop.wait(HEARTBEAT_S if store_down is None else 2 * HEARTBEAT_S):
-            if self.failure is None or store_down is None:
-                try:
-                    waiting = self._waiting
-                    src, since = waiting if waiting is not None else (-1, 0.0)
-                    store.set(f"status/{self.rank}", f"{time.time():.3f} {src} {since:.3f}")
-                    if self.failure is None and store.check(["error"]):
-                        message = store.get("error").decode()
-                        self.failure = StageFailure(message, _stage_named(message))
-                    store_down = None
-                except Exception as exc:  # the store's host is gone (or busy): retry, then give up
-                    if self._stop.is_set():
-                        return
-                    store_down = store_down or time.monotonic()
-                    if time.monotonic() - store_down > STALE_S and self.failure is None:
-                        self.failure = StageFailure(
-                            f"the run's store is unreachable (rank 0 or the launcher is gone): {str(exc).splitlines()[0]}", 0)
-            if self.failure is not None and self._forced_exit is not None:
-                noticed = noticed or time.monotonic()
-                if time.monotonic() - noticed > FORCED_EXIT_GRACE_S:
-                    log.error("rank %d: leaving by force: %s", self.rank, self.failure)
-                    self._forced_exit(str(self.failure))
-                    return
 
     # -- shutdown -----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -451,9 +311,9 @@ class Comm:
         self.flush_sends()
         self._closed = True
         self._sends.put(None)
-        self._stop.set()
+        self.monitor.stop()
         self._sender.join(timeout=self.timeout)
-        self._monitor.join(timeout=self.timeout)
+        self.monitor.stop(join=self.timeout)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -461,19 +321,4 @@ class Comm:
         """After a failure: stop the threads without waiting on anything distributed. The
         process should exit soon (that closes its sockets and tells the peers)."""
         self._closed = True
-        self._stop.set()
-
-
-def _stage_named(message: str) -> int | None:
-    """The stage a failure line names first ("stage 2 ..."), if any."""
-    import re
-
-    m = re.search(r"stage (\d+)", message)
-    return int(m.group(1)) if m else None
-
-
-def _rank_named(message: str) -> int | None:
-    import re
-
-    m = re.search(r"Rank (\d+) failed to pass", message) or re.search(r"rank (\d+)", message)
-    return int(m.group(1)) if m else None
+        self.monitor.stop()

@@ -11,7 +11,7 @@ writes its failure line to LAYERPIPE_ERROR_FILE instead of printing it. When a c
 with an error the launcher terminates the others (SIGTERM, then SIGKILL) and reports one
 line: the failing child's own report, or how it died.
 
-`python -m layerpipe.launch` is the child side for `layerpipe train --nproc K`: it runs the
+`python -m layerpipe.cli.launch` is the child side for `layerpipe train --nproc K`: it runs the
 train command with the arguments the parent parsed (passed as JSON in LAYERPIPE_WORKER_ARGS).
 """
 from __future__ import annotations

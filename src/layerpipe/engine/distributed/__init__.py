@@ -1,0 +1,13 @@
+"""The distributed runtime: one process per pipeline stage on torch.distributed.
+
+By concern: `transport` (point-to-point messages, collectives, the store), `monitor`
+(failures as data: the first failure, heartbeats, blame for a timeout), `worker` (one
+stage's tick program, its pipelined evaluation and its state). The training loop drives a
+`StageWorker` through `layerpipe.training.engines.DistributedEngine`.
+"""
+from layerpipe.engine.distributed.monitor import FailureMonitor, StageFailure
+from layerpipe.engine.distributed.transport import Comm, World, choose_backend
+from layerpipe.engine.distributed.worker import FAULT_ENV, EpochStats, StageWorker, boundary_specs
+
+__all__ = ["FAULT_ENV", "Comm", "EpochStats", "FailureMonitor", "StageFailure", "StageWorker", "World",
+           "boundary_specs", "choose_backend"]

@@ -1,0 +1,319 @@
+"""One stage of the distributed runtime: its process runs the tick program of its stage.
+
+    comm = Comm(World.from_env(), timeout=60)
+    worker = StageWorker(comm, model, spec, weights="ema", optimizer=factory,
+                         loss_fn=F.cross_entropy, sample=x_train[:2])
+    losses = worker.run_epoch(x_train, y_train, order)   # then drain: nothing left in flight
+    test = worker.evaluate(x_test, y_test)               # a pipelined forward of the test set
+
+Process k runs stage k with `engine.stage.Stage` and the tick rule `schedule.Timing`, so
+every weight strategy gives the numbers of the single-process engine. In local tick t of an
+epoch, stage k
+
+  1. posts the receive of the activation stage k-1 produces in tick t (it is needed in tick
+     t+1: the forward register gives one tick of slack, so the transfer overlaps this tick),
+  2. runs the forward of the microbatch due (its input arrived during tick t-1), sends the
+     activation on, then posts the receive of the gradient stage k+1 produces in tick t,
+  3. runs the backward due (LayerPipe: the gradient came during tick t-1, one tick of slack
+     again; PipeDream 1F1B timing and `sync`: it comes within this tick) and sends the input
+     gradient back, then applies the update.
+
+Only receives block, each with a timeout; sends return at once. Per link the messages go in
+the same order on both ends (activation of tick t, then gradient of tick t), which NCCL
+needs; gloo matches them by tag. There is no barrier between ticks and no flush between
+steps: the training loop drains once per epoch, as the single-process engine does. Stage 0
+reads the inputs and the last stage the labels, each from the seeded epoch order; the
+dataset is never sent. Every process builds the whole model from the same seed, derives the
+partition and the per-sample activation shapes of every boundary from it (a forward of two
+samples in eval mode), keeps its own stage and drops the rest.
+
+Not the same numbers as one process: models that draw random numbers in the forward pass
+(dropout): each process has its own random stream.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from layerpipe.engine.distributed.transport import ACT, EVAL, GRAD, STATS, Comm, Pending
+from layerpipe.engine.stage import LossFn, OptimizerFactory, build_stages, sequential_modules
+from layerpipe.errors import LayerpipeError, PlanError
+from layerpipe.plan import PipelineSpec
+from layerpipe.schedule import Timing
+
+log = logging.getLogger(__name__)
+
+#: environment variable of the fault-injection hook used by the tests: "RANK:MODE:TICK",
+#: MODE one of exit (os._exit(3)), raise (RuntimeError), hang (sleep in the compute thread)
+FAULT_ENV = "LAYERPIPE_FAULT"
+
+
+@torch.no_grad()
+def boundary_specs(model: nn.Sequential, sizes: Sequence[int], sample: Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Per-sample shape and dtype at every stage boundary: entry k is stage k's input, entry
+    K the model's output. One forward of `sample` (two samples or more) in eval mode, so no
+    running statistics change."""
+    if sample.dim() == 0 or sample.shape[0] < 2:
+        raise PlanError("the shape probe needs a sample batch of at least two inputs")
+    batch = sample.shape[0]
+    was_training = model.training
+    model.eval()
+    try:
+        h = sample
+        specs = [(tuple(h.shape[1:]), h.dtype)]
+        start = 0
+        for k, n in enumerate(sizes):
+            h = model[start : start + n](h)
+            start += n
+            if not isinstance(h, Tensor) or h.dim() == 0 or h.shape[0] != batch:
+                raise PlanError(
+                    f"stage {k} must return one tensor with the batch as its first dimension "
+                    f"(got {type(h).__name__} {tuple(getattr(h, 'shape', ()))} for a batch of {batch})"
+                )
+            specs.append((tuple(h.shape[1:]), h.dtype))
+    finally:
+        model.train(was_training)
+    return specs
+
+
+@dataclass
+class EpochStats:
+    """What rank 0 learns at the end of an epoch."""
+
+    train_loss: float
+    test_loss: float
+    test_accuracy: float
+    weight_history_bytes: int
+
+
+class StageWorker:
+    """Stage `comm.rank` of a pipeline of `comm.world_size` stages (see the module docstring).
+
+    Args:
+        comm: the connection to the other stages.
+        model: the whole model, built identically in every process; this stage keeps its
+            layers (they are trained in place), the caller may drop the rest.
+        spec: the plan (`plan.sequential_spec`); its stage count must equal the processes'.
+        weights: the registered weight strategy (`sync` is a schedule: use `latest` with it).
+        sample: a batch of at least two inputs (on the model's device), to find the
+            activation shapes.
+        device: where this stage computes; its layers move there (default: `comm.device`).
+            Build the model on the CPU: only this stage's layers reach the device.
+    """
+
+    def __init__(
+        self,
+        comm: Comm,
+        model: nn.Sequential,
+        spec: PipelineSpec,
+        *,
+        weights: str,
+        optimizer: OptimizerFactory,
+        loss_fn: LossFn,
+        sample: Tensor,
+        device: str | torch.device | None = None,
+        weight_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.comm = comm
+        self.rank, self.num_stages = comm.rank, comm.world_size
+        if spec.num_stages != self.num_stages:
+            raise PlanError(
+                f"the pipeline has {spec.num_stages} stages but the run has {self.num_stages} processes; "
+                "they must be equal (one stage per process)"
+            )
+        self.spec = spec
+        self.stage_sizes, self.delays = list(spec.stage_sizes), list(spec.delays)
+        self.timing = Timing.of(spec)
+        self.specs = boundary_specs(model, self.stage_sizes, sample)
+        modules = sequential_modules(model, spec)
+        self.stage_parameter_bytes = [
+            sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad) for m in modules
+        ]
+        k = self.rank
+        self.module = modules[k].to(device if device is not None else comm.device)  # shares the layers
+        self.is_first, self.is_last = k == 0, k == self.num_stages - 1
+        (self.stage,) = build_stages(modules, spec, weights, optimizer, loss_fn, weight_options, only=k)
+        self.loss_fn = loss_fn
+        self.tick = 0
+        self.next_mb = 0
+        self._fault = _parse_fault(os.environ.get(FAULT_ENV), k)
+        log.info("rank %d: stage %d of %s, delay %d, weights %s", k, k, self.stage_sizes, self.delays[k], weights)
+
+    # -- shapes of messages ----------------------------------------------------------------------
+    def _input_spec(self) -> tuple[tuple[int, ...], torch.dtype]:
+        return self.specs[self.rank]
+
+    def _output_spec(self) -> tuple[tuple[int, ...], torch.dtype]:
+        return self.specs[self.rank + 1]
+
+    def _grad_into(self, k: int) -> bool:
+        """Gradients cross the boundary into stage k (its input is floating point)."""
+        return self.specs[k][1].is_floating_point
+
+    # -- one epoch ---------------------------------------------------------------------------------
+    def run_epoch(
+        self,
+        x: Tensor,
+        y: Tensor,
+        order: Sequence[Tensor],
+        on_forward: Callable[[], None] | None = None,
+    ) -> list[Tensor]:
+        """Train on the microbatches `x[idx], y[idx]` for idx in `order`, then drain. Stage 0
+        needs `x`, the last stage `y`. Returns the last stage's losses (empty elsewhere)."""
+        comm, stage, timing = self.comm, self.stage, self.timing
+        k, last = self.rank, self.num_stages - 1
+        n = len(order)
+        sizes = [len(idx) for idx in order]
+        base = self.next_mb
+        acts: dict[int, Pending] = {}  # producer tick -> posted receive
+        grads: dict[int, Pending] = {}
+        losses: list[Tensor] = []
+        in_shape, in_dtype = self._input_spec()
+        out_shape, out_dtype = self._output_spec()
+        grad_in = k > 0 and self._grad_into(k)  # do we send gradients back?
+        grad_out = k < last and self._grad_into(k + 1)  # do we receive gradients?
+        for t in range(timing.length(n)):
+            if self._fault is not None and self.tick == self._fault[1]:
+                _inject(self._fault[0], k, self.tick)
+            comm.check()
+            # 1. the activation stage k-1 sends in this tick
+            if k > 0:
+                i = timing.forward(k - 1, t, n)
+                if i is not None:
+                    acts[t] = comm.post_recv(k - 1, (sizes[i], *in_shape), in_dtype, ACT)
+            # 2. forward
+            i = timing.forward(k, t, n)
+            if i is not None:
+                xb = x[order[i]] if k == 0 else comm.wait(acts.pop(t - timing.forward_lag))
+                out = stage.forward(base + i, xb, y[order[i]] if k == last else None)
+                if k == last:
+                    losses.append(out)
+                else:
+                    comm.send(k + 1, out, ACT)
+                if on_forward is not None:
+                    on_forward()
+            if grad_out:
+                j = timing.backward(k + 1, t, n)
+                if j is not None:
+                    grads[t] = comm.post_recv(k + 1, (sizes[j], *out_shape), out_dtype, GRAD)
+            # 3. backward and update
+            j = timing.backward(k, t, n)
+            if j is not None:
+                g = comm.wait(grads.pop(t - timing.gradient_slack(k))) if grad_out else None
+                g_in = stage.backward(base + j, g)
+                if grad_in:
+                    if g_in is None:  # the input did not reach the output
+                        g_in = torch.zeros((sizes[j], *in_shape), dtype=in_dtype, device=comm.device)
+                    comm.send(k - 1, g_in, GRAD)
+                stage.update()
+            self.tick += 1
+        self.next_mb += n
+        if acts or grads or stage.inflight:  # a bug, not a user error
+            raise RuntimeError(f"stage {k}: the epoch ended with messages or microbatches left over")
+        return losses
+
+    # -- evaluation: a pipelined forward of the test set ---------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor, batch_size: int = 512) -> tuple[float, float] | None:
+        """`train.evaluate` of the whole model, pipelined: (mean loss, accuracy) on the last
+        stage, None elsewhere. Same batches, same sums, same numbers. Stage 0 reads `x`, the
+        last stage `y`; the others only their lengths."""
+        comm, k, last = self.comm, self.rank, self.num_stages - 1
+        num = len(x)
+        starts = list(range(0, num, batch_size))
+        in_shape, in_dtype = self._input_spec()
+        was_training = self.module.training
+        self.module.eval()
+        device = comm.device
+        total_loss, correct, count = 0.0, 0, 0
+        pending: Pending | None = None
+        try:
+            for c, s in enumerate(starts):
+                m = min(batch_size, num - s)
+                if k > 0:
+                    if pending is None:
+                        pending = comm.post_recv(k - 1, (m, *in_shape), in_dtype, EVAL)
+                    current = pending
+                    pending = None
+                    if c + 1 < len(starts):  # post the next receive before computing this one
+                        m2 = min(batch_size, num - starts[c + 1])
+                        pending = comm.post_recv(k - 1, (m2, *in_shape), in_dtype, EVAL)
+                    h = comm.wait(current)
+                else:
+                    h = x[s : s + m].to(device)
+                out = self.module(h)
+                if k < last:
+                    comm.send(k + 1, out, EVAL)
+                else:
+                    yb = y[s : s + m].to(device)
+                    total_loss += float(self.loss_fn(out, yb)) * m
+                    correct += int((out.argmax(-1) == yb).sum())
+                    count += yb.numel()
+        finally:
+            self.module.train(was_training)
+        if k < last:
+            return None
+        return total_loss / num, correct / count
+
+    def epoch_stats(self, losses: list[Tensor], test: tuple[float, float] | None) -> EpochStats | None:
+        """Send this stage's numbers to rank 0; rank 0 returns the whole pipeline's."""
+        comm, k, last = self.comm, self.rank, self.num_stages - 1
+        mine = [float(self.stage.strategy.history_bytes()), float("nan"), float("nan"), float("nan")]
+        if k == last:
+            mine[1] = float(torch.stack(losses).mean()) if losses else float("nan")
+            mine[2], mine[3] = test
+        if k > 0:
+            comm.send(0, torch.tensor(mine, dtype=torch.float64), STATS)
+            return None
+        rows = [mine]
+        posted = [comm.post_recv(r, (4,), torch.float64, STATS) for r in range(1, self.num_stages)]
+        rows += [comm.wait(p).cpu().tolist() for p in posted]
+        return EpochStats(
+            train_loss=rows[-1][1],
+            test_loss=rows[-1][2],
+            test_accuracy=rows[-1][3],
+            weight_history_bytes=int(sum(r[0] for r in rows)),
+        )
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This stage's state between epochs (nothing in flight)."""
+        return {"tick": self.tick, "next_mb": self.next_mb, "stage": self.stage.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tick, self.next_mb = int(state["tick"]), int(state["next_mb"])
+        self.stage.load_state_dict(state["stage"])
+
+
+# -- fault injection (tests) ------------------------------------------------------------------------
+def _parse_fault(spec: str | None, rank: int) -> tuple[str, int] | None:
+    if not spec:
+        return None
+    try:
+        r, mode, tick = spec.split(":")
+        if int(r) != rank:
+            return None
+        if mode not in ("exit", "raise", "hang"):
+            raise ValueError(mode)
+        return mode, int(tick)
+    except ValueError:
+        raise LayerpipeError(f"{FAULT_ENV} must look like RANK:exit|raise|hang:TICK, got {spec!r}") from None
+
+
+def _inject(mode: str, rank: int, tick: int) -> None:
+    log.warning("rank %d: injected fault %r at tick %d", rank, mode, tick)
+    if mode == "exit":
+        logging.shutdown()
+        os._exit(3)
+    if mode == "raise":
+        raise RuntimeError(f"injected fault at tick {tick}")
+    time.sleep(10**6)  # hang
+
+

@@ -1,0 +1,105 @@
+"""What one training run is: `TrainConfig`, validated on construction, and the zoo's recipes.
+
+    config = TrainConfig(model="cnn1d", stages="4", weights="ema")   # None fields: the recipe
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from layerpipe.errors import LayerpipeError
+from layerpipe.plan import SCHEDULES, parse_stages
+from layerpipe.weights import strategy_names
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("cosine", "constant")
+#: per-stage learning rate: "same" for every stage, or "inverse-delay": lr / d_k on stages
+#: with a gradient delay d_k > 0 (PipeMare's observation: a stale gradient wants a smaller step)
+STAGE_LRS = ("same", "inverse-delay")
+
+#: per-model training recipes used when the user does not override them
+# (threads: torch intra-op threads; 1 for the small models, whose kernels are too small to
+# split and which slow down up to 5x on 2 threads when another process shares the cores)
+RECIPES: dict[str, dict[str, Any]] = {
+    "mlp": dict(epochs=40, batch_size=64, optimizer="adam", lr=1e-3, threads=1),
+    "cnn1d": dict(epochs=30, batch_size=64, optimizer="adam", lr=2e-3, threads=1),
+    "resnet18": dict(epochs=5, batch_size=64, optimizer="sgd", lr=0.05, threads=0),
+    "snn": dict(epochs=25, batch_size=64, optimizer="adam", lr=3e-3, threads=1),
+    "gpt": dict(epochs=2, batch_size=16, optimizer="adamw", lr=1e-3, threads=0),
+}
+_FALLBACK_RECIPE = dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3, threads=0)
+
+#: the settings a checkpoint must agree on to be resumed (they change what the state means)
+RESUME_KEYS = ("model", "model_options", "dataset", "samples", "data_seed", "stages", "weights", "schedule",
+               "seed", "batch_size", "optimizer")
+
+
+def weight_choices() -> list[str]:
+    """What `--weights` accepts: `sync` (ordinary training) and every registered strategy."""
+    return ["sync", *strategy_names()]
+
+
+@dataclass
+class TrainConfig:
+    """One training run. `None` fields take the model's recipe (see RECIPES)."""
+
+    model: str = "cnn1d"
+    #: dataset name; None: the model's default dataset
+    dataset: str | None = None
+    #: "K" (K balanced stages), "2,1,3,1" (layers per stage) or "all" (one layer per stage)
+    stages: str = "4"
+    #: `sync` (no pipelining) or a registered weight strategy
+    weights: str = "ema"
+    schedule: str = "layerpipe"
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    #: "cosine": lr decays to 0 over the run with a cosine, per epoch; "constant"
+    lr_schedule: str = "cosine"
+    #: epochs of linear learning-rate warm-up (PipeMare: stale gradients hurt most early)
+    warmup_epochs: int = 0
+    #: "same" or "inverse-delay" (see STAGE_LRS)
+    stage_lr: str = "same"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    #: seed of dataset generation and splits, kept fixed across --seed so that runs over
+    #: seeds compare on the same data (42: the published MNIST-1D)
+    data_seed: int = 42
+    device: str = "cpu"
+    #: torch intra-op threads (0: torch's default, all cores); None: the model's recipe
+    threads: int | None = None
+    #: dataset size (MNIST-1D: total samples generated); None: the dataset's default
+    samples: int | None = None
+    data_dir: str | None = None
+    #: keyword options of the model's builder, e.g. {"norm": False}
+    model_options: dict[str, Any] = field(default_factory=dict)
+    #: keyword options of the weight strategy, e.g. {"alpha": 0.3} for ema
+    weight_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        recipe = RECIPES.get(self.model, _FALLBACK_RECIPE)
+        for key, value in recipe.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        _choice("weight strategy", self.weights, weight_choices())
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("--stage-lr", self.stage_lr, STAGE_LRS)
+        _choice("--lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise LayerpipeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr or not self.lr > 0 or self.lr == float("inf"):
+            raise LayerpipeError(f"--lr must be a positive number, got {self.lr}")
+        parse_stages(self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(what: str, value: Any, choices: Any) -> None:
+    if value not in choices:
+        raise LayerpipeError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")

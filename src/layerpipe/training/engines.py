@@ -1,0 +1,228 @@
+"""What the training loop needs from an engine, and the two engines behind that interface.
+
+    engine = LocalEngine(model, config, loss)                  # all stages in this process
+    engine = DistributedEngine.start(config, world, ...)       # this process's stage
+    losses = engine.run_epoch(x, y, order, on_microbatch)      # train one epoch, then drain
+    stats = engine.epoch_stats(losses, engine.evaluate(x_test, y_test))   # on the main process
+
+`Engine` is the whole interface: the loop (`training.loop.train`) never asks which engine it
+drives. Per-process things (optimizers, state) are local; `epoch_stats`, `gather` and
+`model_state` combine the processes' numbers on the main process (rank 0).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from layerpipe.engine.distributed import Comm, EpochStats, StageFailure, StageWorker, World
+from layerpipe.engine.single import Pipeline, resolve_strategy
+from layerpipe.errors import LayerpipeError, PlanError
+from layerpipe.plan import parse_stages, sequential_spec
+from layerpipe.training.build import evaluate, make_optimizer_factory
+from layerpipe.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """What an engine offers the training loop."""
+
+    rank: int
+    world_size: int
+    stage_sizes: list[int]
+    delays: list[int]
+    #: parameter bytes of every stage of the pipeline (all processes)
+    stage_parameter_bytes: list[int]
+
+    def optimizers(self) -> list[torch.optim.Optimizer | None]: ...
+    def local_delays(self) -> list[int]: ...
+    def run_epoch(self, x: Tensor, y: Tensor, order: Sequence[Tensor], on_microbatch: Callable[[], None] | None) -> list[Tensor]: ...
+    def evaluate(self, x: Tensor, y: Tensor) -> tuple[float, float] | None: ...
+    def history_bytes(self) -> int: ...
+    def epoch_stats(self, losses: list[Tensor], test: tuple[float, float] | None) -> EpochStats | None: ...
+    def gather(self, obj: Any) -> list[Any] | None: ...
+    def share(self, name: str, value: str) -> str: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def model_state(self) -> dict[str, Tensor] | None: ...
+    def close(self) -> None: ...
+    def fail(self, exc: BaseException) -> BaseException: ...
+
+
+class LocalEngine:
+    """Every stage in this process: `engine.single.Pipeline`."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, model: nn.Sequential, config: TrainConfig, loss_fn) -> None:
+        self.model, self.loss_fn = model, loss_fn
+        self.pipe = Pipeline(model, stages=parse_stages(config.stages), weights=config.weights,
+                             optimizer=make_optimizer_factory(config), loss_fn=loss_fn, schedule=config.schedule,
+                             weight_options=config.weight_options)
+        self.stage_sizes, self.delays = self.pipe.stage_sizes, self.pipe.delays
+        self.stage_parameter_bytes = [s.parameter_bytes() for s in self.pipe.stages]
+
+    def optimizers(self) -> list[torch.optim.Optimizer | None]:
+        return self.pipe.optimizers
+
+    def local_delays(self) -> list[int]:
+        return self.delays
+
+    def run_epoch(self, x: Tensor, y: Tensor, order: Sequence[Tensor], on_microbatch=None) -> list[Tensor]:
+        losses: list[Tensor] = []
+        for idx in order:
+            losses.extend(self.pipe.step(x[idx], y[idx]).losses.values())
+            if on_microbatch is not None:
+                on_microbatch()
+        for info in self.pipe.flush():
+            losses.extend(info.losses.values())
+        return losses
+
+    def evaluate(self, x: Tensor, y: Tensor) -> tuple[float, float]:
+        return evaluate(self.model, x, y, self.loss_fn)
+
+    def history_bytes(self) -> int:
+        return self.pipe.weight_history_bytes()
+
+    def epoch_stats(self, losses: list[Tensor], test: tuple[float, float] | None) -> EpochStats:
+        assert test is not None
+        train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+        return EpochStats(train_loss, test[0], test[1], self.history_bytes())
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def share(self, name: str, value: str) -> str:
+        return value
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.pipe.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pipe.load_state_dict(state)
+
+    def model_state(self) -> dict[str, Tensor]:
+        return self.model.state_dict()
+
+    def close(self) -> None:
+        pass
+
+    def fail(self, exc: BaseException) -> BaseException:
+        return exc
+
+
+def stage_device(device: str, world: World) -> torch.device:
+    """cuda -> cuda:<local rank> (modulo the GPUs present); anything else as given."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LayerpipeError("--device cuda was asked for but no CUDA device is available")
+        if d.index is None:
+            d = torch.device("cuda", world.local_rank % torch.cuda.device_count())
+    return d
+
+
+def check_stage_count(stages: int | list[int] | None, world_size: int, num_layers: int | None = None) -> None:
+    """The number of stages must equal the number of processes."""
+    if isinstance(stages, int):
+        count = stages
+    elif stages is None:
+        if num_layers is None:
+            return
+        count = num_layers
+    else:
+        count = len(stages)
+    if count != world_size:
+        raise PlanError(f"--stages gives {count} stages but the run has {world_size} processes; they must be equal")
+
+
+class DistributedEngine:
+    """This process's stage of a run with one process per stage: `engine.distributed.StageWorker`."""
+
+    def __init__(self, comm: Comm, worker: StageWorker) -> None:
+        self.comm, self.worker = comm, worker
+        self.rank, self.world_size = comm.rank, comm.world_size
+        self.stage_sizes, self.delays = worker.stage_sizes, worker.delays
+        self.stage_parameter_bytes = worker.stage_parameter_bytes
+
+    @classmethod
+    def start(cls, config: TrainConfig, model: nn.Sequential, data, loss_fn, world: World, device: torch.device,
+              *, timeout: float = 60.0, backend: str = "auto", staging: bool | None = None,
+              forced_exit: Callable[[str], None] | None = None) -> DistributedEngine:
+        """Join the run and keep this process's stage of `model` (built on the CPU)."""
+        check_stage_count(parse_stages(config.stages), world.world_size, len(model))
+        try:
+            comm = Comm(world, device=device, timeout=timeout, backend=backend, staging=staging,
+                        forced_exit=forced_exit)
+        except LayerpipeError:
+            raise
+        except Exception as exc:  # the store or the process group could not be set up in time
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StageFailure(f"stage {world.rank} could not join the run: {text}", world.rank, local=True) from None
+        try:
+            strategy, schedule = resolve_strategy(config.weights, config.schedule)
+            spec = sequential_spec(model, parse_stages(config.stages), schedule)
+            worker = StageWorker(comm, model, spec, weights=strategy, optimizer=make_optimizer_factory(config),
+                                 loss_fn=loss_fn, sample=data.x_train[:2], device=device,
+                                 weight_options=config.weight_options)
+        except BaseException as exc:
+            raise cls(comm, None).fail(exc) from None  # type: ignore[arg-type]
+        return cls(comm, worker)
+
+    def optimizers(self) -> list[torch.optim.Optimizer | None]:
+        return [self.worker.stage.optimizer]
+
+    def local_delays(self) -> list[int]:
+        return [self.delays[self.rank]]
+
+    def run_epoch(self, x: Tensor, y: Tensor, order: Sequence[Tensor], on_microbatch=None) -> list[Tensor]:
+        return self.worker.run_epoch(x, y, order, on_forward=on_microbatch)
+
+    def evaluate(self, x: Tensor, y: Tensor) -> tuple[float, float] | None:
+        return self.worker.evaluate(x, y)
+
+    def history_bytes(self) -> int:
+        return self.worker.stage.strategy.history_bytes()
+
+    def epoch_stats(self, losses: list[Tensor], test: tuple[float, float] | None) -> EpochStats | None:
+        return self.worker.epoch_stats(losses, test)
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        return self.comm.gather_objects(obj)
+
+    def share(self, name: str, value: str) -> str:
+        return self.comm.share(name, value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.worker.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.worker.load_state_dict(state)
+
+    def model_state(self) -> dict[str, Tensor] | None:
+        states = self.comm.gather_objects({k: v.detach().cpu() for k, v in self.worker.module.state_dict().items()})
+        if states is None:
+            return None
+        merged: dict[str, Tensor] = {}
+        for s in states:
+            merged.update(s)
+        return merged
+
+    def close(self) -> None:
+        self.comm.barrier()
+        self.comm.close()
+
+    def fail(self, exc: BaseException) -> BaseException:
+        """Record `exc` as the run's failure and let go of the others; the exception to raise."""
+        if isinstance(exc, KeyboardInterrupt):
+            self.comm.monitor.record(f"stage {self.rank} was interrupted", self.rank, local=True)
+            self.comm.abandon()
+            return exc
+        failure = self.comm.monitor.fail_local(exc)
+        log.debug("rank %d failed", self.rank, exc_info=exc)
+        self.comm.abandon()
+        return failure

@@ -154,8 +154,9 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
     # stage 0 reads the inputs and the last stage the labels: only they need them on the device
     x_train = data.x_train.to(device) if engine.rank == 0 else data.x_train
     y_train = data.y_train.to(device) if engine.rank == engine.world_size - 1 else data.y_train
-    stats = None
+    stats, trained = None, False
     for epoch in range(first_epoch, config.epochs):
+        trained = True
         epoch_start = time.perf_counter()
         set_lr(engine.optimizers(), engine.local_delays(), epoch_lr(config, epoch), config.stage_lr)
         order = epoch_order(len(data.x_train), config.batch_size, config.seed, epoch)
@@ -177,7 +178,7 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
                              "history": result.history if main else []}, engine.gather)
         if on_epoch is not None and main:
             on_epoch(result.history[-1])
-    if stats is None:  # nothing left to train (resumed at the end): evaluate anyway
+    if not trained:  # nothing left to train (resumed at the end): evaluate anyway
         stats = engine.epoch_stats([], engine.evaluate(data.x_test, data.y_test))
     if main:
         result.test_loss, result.test_accuracy = stats.test_loss, stats.test_accuracy

@@ -270,6 +270,13 @@ def test_hugging_face_gpt2_split_matches_logits_gradients_and_ties():
     inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
     split = split_model(model, split_points=["transformer.h.2"], example_kwargs=inputs)
     assert split.num_stages == 2
+    # the boundary carries the hidden state and the attention mask GPT-2 built from
+    # attention_mask; shape symbols are read from them instead of sending attention_mask
+    specs = split.boundary_specs[0]
+    assert [(s.per_sample_shape, s.dtype, s.requires_grad) for s in specs] == [
+        ((1, 12, 12), torch.bool, False),
+        ((12, 64), torch.float32, True),
+    ]
     assert split.tied_params() == {"transformer.wte.weight": [0, 1]}
     assert split.owner("transformer.wte.weight") == 0
     names = dict(model.named_parameters(remove_duplicate=False))

@@ -19,6 +19,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from layerpipe.errors import PlanError
@@ -34,6 +35,7 @@ COMPUTE_OPS = ("call_function", "call_method", "call_module")
 # boundaries
 COARSE_SLACK = 1.25
 
+_SYM_SIZE = torch.ops.aten.sym_size.int
 _META_METHODS = {"size", "dim", "numel", "ndimension", "stride", "item", "tolist", "get_device", "element_size"}
 _META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"}
 
@@ -47,6 +49,9 @@ class StagePlan:
     local: list[list[fx.Node]]  # per stage, the nodes it runs, in graph order (clones included)
     boundaries: list[list[fx.Node]]  # per boundary k (stage k -> k+1), the values crossing, in graph order
     split_points: list[str] = field(default_factory=list)  # a module name for every cut, where known
+    #: (stage, sym_size node) -> (tensor entering that stage, dim): the size is read from a
+    #: tensor the stage receives anyway instead of sending the tensor it was read from
+    substitutes: dict[tuple[int, fx.Node], tuple[fx.Node, int]] = field(default_factory=dict)
 
 
 def module_starts(traced: TracedModel) -> tuple[dict[str, int], set[str]]:
@@ -158,7 +163,7 @@ def auto_split_points(model: nn.Module, traced: TracedModel, num_stages: int) ->
     max_depth = max((name.count(".") + 1 for name in by_pos.values()), default=0)
     best_at: list[tuple[float, list[int]]] = []
     for depth in range(1, max_depth + 1):
-        cands = sorted(p for p, name in by_pos.items() if starts[name] == p and _depth_ok(name, depth, starts, p))
+        cands = sorted(p for p, name in by_pos.items() if name.count(".") + 1 <= depth)
         segs = [first, *cands]
         if len(segs) < num_stages:
             continue
@@ -177,11 +182,6 @@ def auto_split_points(model: nn.Module, traced: TracedModel, num_stages: int) ->
     finest = min(b for b, _ in best_at)
     _, cuts = next((b, c) for b, c in best_at if b <= finest * COARSE_SLACK)
     return [by_pos[c] for c in cuts]
-
-
-def _depth_ok(name: str, depth: int, starts: dict[str, int], pos: int) -> bool:
-    """Whether some module of nesting depth <= `depth` begins at `pos` (name is the outermost)."""
-    return name.count(".") + 1 <= depth
 
 
 # -- boundaries ---------------------------------------------------------------------------------
@@ -231,9 +231,13 @@ def plan_stages(traced: TracedModel, cuts: list[int]) -> StagePlan:
         if n.op != "placeholder":
             local[k].add(n)
     needed_from: dict[fx.Node, int] = {}  # value -> last stage that reads it from elsewhere
+    deferred: list[tuple[int, fx.Node]] = []  # export's shape symbols, resolved at the end
 
-    def need(k: int, v: fx.Node, chain: tuple[fx.Node, ...]) -> None:
+    def need(k: int, v: fx.Node, chain: tuple[fx.Node, ...], defer: bool = True) -> None:
         if v.op == "get_attr" or home[v] == k or v in local[k]:
+            return
+        if defer and v.target is _SYM_SIZE and _symbol(v) is not None:
+            deferred.append((k, v))
             return
         if not _is_value(traced, v):
             if _is_tuple_of_tensors(traced, v):
@@ -255,6 +259,16 @@ def plan_stages(traced: TracedModel, cuts: list[int]) -> StagePlan:
                 need(k, a, (n,))
     for a in out_node.all_input_nodes:
         need(last, a, (out_node,))
+    substitutes: dict[tuple[int, fx.Node], tuple[fx.Node, int]] = {}
+    for k, v in deferred:
+        if v in local[k]:
+            continue
+        found = _same_size(v, [u for u, last_k in needed_from.items() if home[u] < k <= last_k])
+        if found is None:
+            need(k, v, (), defer=False)
+        else:
+            substitutes[(k, v)] = found
+            local[k].add(v)
 
     boundaries: list[list[fx.Node]] = [[] for _ in range(last)]
     for v in sorted(needed_from, key=pos.__getitem__):
@@ -264,7 +278,25 @@ def plan_stages(traced: TracedModel, cuts: list[int]) -> StagePlan:
     for k, ns in enumerate(ordered):
         if k and not ns:
             raise PlanError(f"stage {k} would run no operations")
-    return StagePlan(cuts, home, ordered, boundaries)
+    return StagePlan(cuts, home, ordered, boundaries, substitutes=substitutes)
+
+
+def _symbol(v: fx.Node) -> Any:
+    """The shape symbol a `sym_size` node of an exported graph reads, if it is a plain one."""
+    val = v.meta.get("val")
+    expr = getattr(getattr(val, "node", None), "expr", None)
+    return expr if expr is not None and getattr(expr, "is_Symbol", False) else None
+
+
+def _same_size(v: fx.Node, tensors: list[fx.Node]) -> tuple[fx.Node, int] | None:
+    """A (tensor, dim) among `tensors` whose size is the symbol `v` reads."""
+    want = _symbol(v)
+    for u in tensors:
+        shape = getattr(u.meta.get("val"), "shape", None) or ()
+        for d, size in enumerate(shape):
+            if getattr(getattr(size, "node", None), "expr", None) == want:
+                return u, d
+    return None
 
 
 def build_stage_graphs(traced: TracedModel, plan: StagePlan) -> list[fx.GraphModule]:
@@ -293,7 +325,11 @@ def build_stage_graphs(traced: TracedModel, plan: StagePlan) -> list[fx.GraphMod
             if n.op == "get_attr" and any(u in users for u in n.users):
                 env[n] = g.node_copy(n)
         for n in run:
-            env[n] = g.node_copy(n, lambda a: env[a])
+            if (k, n) in plan.substitutes:
+                u, d = plan.substitutes[(k, n)]
+                env[n] = g.call_function(_SYM_SIZE, (env[u], d))
+            else:
+                env[n] = g.node_copy(n, lambda a: env[a])
         if k == last:
             g.output(fx.node.map_arg(out_node.args[0], lambda a: env[a]))
         else:

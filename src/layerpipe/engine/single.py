@@ -6,11 +6,19 @@
         pipe.step(x, y)    # one tick
     pipe.flush()           # drain
 
+    # any traceable model, cut at named submodules (layerpipe.split); inputs as the model takes them
+    pipe = Pipeline(gpt2, split_points=["transformer.h.2"], weights="stash",
+                    example_inputs={"input_ids": ids, "attention_mask": mask, "use_cache": False},
+                    loss_fn=lambda out, y: F.cross_entropy(out.logits.flatten(0, 1), y.flatten()))
+    pipe.step({"input_ids": ids, "attention_mask": mask, "use_cache": False}, labels)
+
 The tick rule is `schedule.Timing` (method.md section 3): microbatch i of a segment enters at
 tick i, stage k runs its forward at tick i + k and its backward at tick i + k + d_k; within a
 tick every stage does its forward, then its backward, then applies that backward's gradient.
 Forwards are run first stage to last and backwards last to first, which gives the same
-numbers as any other order (a stage's work touches only its own weights) and lets a gradient
+numbers as any other order (a stage's work touches only its own weights; a tied parameter's
+users all read it in their forwards, before its owner, the first of them, updates it after
+their backwards) and lets a gradient
 cross a boundary in the same tick when d_k = d_{k+1} + 1 (PipeDream's 1F1B timing) or under
 `sync` (every stage, one microbatch, one tick: ordinary training).
 """
@@ -25,13 +33,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from layerpipe.engine.stage import LossFn, OptimizerFactory, Stage, build_stages, sequential_modules
-from layerpipe.errors import LayerpipeError
-from layerpipe.plan import PipelineSpec, sequential_spec
+from layerpipe.engine.stage import LossFn, OptimizerFactory, SchedulerFactory, Stage, build_stages, sequential_modules
+from layerpipe.errors import LayerpipeError, PlanError
+from layerpipe.plan import PipelineSpec, sequential_spec, split_spec
 from layerpipe.schedule import Timing
 from layerpipe.weights import strategy_class
 
 log = logging.getLogger(__name__)
+
+#: mixed_precision= values -> the autocast dtype
+AUTOCAST_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _as_call(inputs: Any) -> tuple[tuple, dict]:
+    """A model's inputs as (args, kwargs): a tensor, a tuple of positional arguments or a dict
+    of keyword arguments."""
+    if isinstance(inputs, Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, tuple):
+        return inputs, {}
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    raise LayerpipeError(f"the model's inputs must be a tensor, a tuple (positional arguments) or a dict (keyword "
+                         f"arguments), got {type(inputs).__name__}")
+
 
 def default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)
@@ -63,24 +88,42 @@ def resolve_strategy(weights: str, schedule: str) -> tuple[str, str]:
 
 
 class Pipeline:
-    """Pipelined training of an `nn.Sequential` split into stages, in one process.
+    """Pipelined training of a model split into stages, in one process.
 
     Args:
-        model: the network; its parameters are trained in place.
-        stages: layer counts per stage, an int K (K stages balanced by parameter count), or
-            None (one layer per stage).
+        model: the network; its parameters are trained in place. An `nn.Sequential` is cut
+            into slices of layers (`stages`); any other model (or a Sequential given
+            `split_points`) is cut by `layerpipe.split.split_model` at named submodules.
+        stages: for an nn.Sequential, layer counts per stage, an int K (K stages balanced by
+            parameter count), or None (one layer per stage); for other models an int K (split
+            points chosen automatically, balanced by parameter count).
         weights: a registered weight strategy (`layerpipe.weights.strategy_names()`:
             `stash`, `ema`, `latest`, ...), or `sync` for ordinary training.
-        optimizer: factory called once per stage with that stage's parameters.
-        loss_fn: `loss_fn(output, target)` on the last stage's output.
+        optimizer: factory called once per stage with the parameters that stage owns (a
+            parameter read by several stages, such as a tied embedding, is owned by the first).
+        loss_fn: `loss_fn(output, target)` on whatever the model returns.
         schedule: `layerpipe` (d_k = 2 S(k)), `pipedream` (d_k = S(k)) or `sync`.
         delays: explicit per-stage delays in ticks, overriding `schedule`.
         weight_options: keyword options of the strategy (e.g. {"alpha": 0.3} for `ema`).
+        split_points: qualified submodule names where stages 1..K-1 begin, e.g.
+            ["transformer.h.2"] (any model `split_model` can trace).
+        example_inputs: one call of the model (a tensor, a tuple of positional arguments or a
+            dict of keyword arguments) to trace and cut it with; required with `split_points`
+            or a model that is not an nn.Sequential. Non-tensor arguments (`use_cache=False`)
+            are fixed at these values.
+        mixed_precision: "bf16" or "fp16": each stage's forward and the loss run under
+            `torch.autocast` (the weight strategies stay exact: the backward repeats the
+            forward's casts on the version it uses). No loss scaling is done for "fp16".
+        clip_grad_norm: clip each stage's gradient (of the parameters it owns) to this norm
+            before its optimizer steps.
+        lr_scheduler: factory called once per stage with that stage's optimizer, e.g.
+            `lambda opt: torch.optim.lr_scheduler.StepLR(opt, 100)`; each scheduler is stepped
+            after every update of its stage (one per tick in steady state).
     """
 
     def __init__(
         self,
-        model: nn.Sequential,
+        model: nn.Module,
         stages: int | Sequence[int] | None = None,
         weights: str = "ema",
         optimizer: OptimizerFactory | None = None,
@@ -88,29 +131,77 @@ class Pipeline:
         schedule: str = "layerpipe",
         delays: Sequence[int] | None = None,
         weight_options: Mapping[str, Any] | None = None,
+        *,
+        split_points: Sequence[str] | None = None,
+        example_inputs: Any = None,
+        mixed_precision: str | None = None,
+        clip_grad_norm: float | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
     ) -> None:
         strategy, schedule = resolve_strategy(weights, schedule)
-        self.spec = sequential_spec(model, stages, schedule, delays)
-        self.timing = Timing.of(self.spec)
+        if mixed_precision not in AUTOCAST_DTYPES:
+            raise LayerpipeError(f"mixed_precision must be one of {', '.join(map(str, AUTOCAST_DTYPES))}, "
+                                 f"got {mixed_precision!r}")
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise LayerpipeError(f"clip_grad_norm must be a positive number, got {clip_grad_norm!r}")
         self.model = model
         self.weights = weights
         self.loss_fn = loss_fn
-        self.stages = build_stages(sequential_modules(model, self.spec), self.spec, strategy,
-                                   optimizer or default_optimizer, loss_fn, weight_options)
+        self.split = None  # the layerpipe.split.SplitModel of a model cut at split points
+        device = next((p.device.type for p in model.parameters()), "cpu")
+        dtype = AUTOCAST_DTYPES[mixed_precision]
+        self._stage_options: dict[str, Any] = {
+            "autocast": (device, dtype) if dtype is not None else None,
+            "clip_grad_norm": clip_grad_norm, "lr_scheduler": lr_scheduler,
+        }
+        self._build_args = (strategy, optimizer or default_optimizer, loss_fn, weight_options)
+        self.stages: list[Stage] = []
         self.tick = 0
-        # activations waiting at each stage's input, gradients at each stage's output:
-        # stage -> {microbatch: tensor}
-        self._inbox: list[dict[int, Tensor]] = [{} for _ in self.stages]
-        self._grads: list[dict[int, Tensor]] = [{} for _ in self.stages]
-        self._targets: dict[int, Tensor] = {}
         self._next_mb = 0
         # the current segment (see schedule.timing): its first tick and microbatch, its size
         self._segment_tick = 0
         self._segment_mb = 0
         self._entered = 0
         self._done = 0
-        log.info("pipeline: stages %s, delays %s, weights %s", list(self.spec.stage_sizes), list(self.spec.delays),
-                 weights)
+        self._targets: dict[int, Any] = {}
+        if isinstance(model, nn.Sequential) and split_points is None:
+            self.spec = sequential_spec(model, stages, schedule, delays)
+            self._build(sequential_modules(model, self.spec))
+            return
+        if not isinstance(model, nn.Module):
+            raise PlanError(f"the model must be an nn.Module, got {type(model).__name__}")
+        if example_inputs is None:
+            raise PlanError(f"a {type(model).__name__} is not an nn.Sequential of layers: pass example_inputs= (one "
+                            "call of the model) with split_points=[...] or stages=K to split it")
+        if split_points is not None:
+            if stages is not None:
+                raise PlanError("give split_points or stages, not both")
+            if isinstance(split_points, str):
+                raise PlanError(f"split_points is a list of submodule names, got the string {split_points!r}")
+            request: dict[str, Any] = {"split_points": list(split_points)}
+        elif isinstance(stages, int) and not isinstance(stages, bool):
+            request = {"num_stages": stages}
+        else:
+            raise PlanError(f"a {type(model).__name__} (not an nn.Sequential) is split with split_points=[...] or "
+                            f"stages=K, got stages={stages!r}")
+        from layerpipe.split import split_model
+
+        args, kwargs = _as_call(example_inputs)
+        self.split = split_model(model, **request, example_args=args, example_kwargs=kwargs)
+        self.spec = split_spec(self.split.split_points, schedule, delays)
+        self._build(self.split.stages)
+
+    def _build(self, modules: Sequence[nn.Module]) -> None:
+        strategy, optimizer, loss_fn, weight_options = self._build_args
+        self.timing = Timing.of(self.spec)
+        self.stages = build_stages(modules, self.spec, strategy, optimizer, loss_fn, weight_options,
+                                   **self._stage_options)
+        # activations waiting at each stage's input, gradients at each stage's output:
+        # stage -> {microbatch: tensor or tuple}
+        self._inbox: list[dict[int, Any]] = [{} for _ in self.stages]
+        self._grads: list[dict[int, Any]] = [{} for _ in self.stages]
+        log.info("pipeline: stages %s, delays %s, weights %s, split points %s", list(self.spec.stage_sizes),
+                 list(self.spec.delays), self.weights, list(self.spec.split_points))
 
     # -- public API ---------------------------------------------------------------------------
     @property
@@ -127,11 +218,19 @@ class Pipeline:
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer | None]:
-        """Every stage's optimizer, in stage order (None: a stage without parameters)."""
+        """Every stage's optimizer, in stage order (None: a stage that owns no parameters).
+        Each holds the parameters its stage owns; change a learning rate with
+        `for g in pipe.optimizers[k].param_groups: g["lr"] = ...`."""
         return [s.optimizer for s in self.stages]
 
-    def step(self, x: Tensor, y: Tensor) -> TickInfo:
-        """One tick in which microbatch (x, y) enters the pipeline."""
+    @property
+    def lr_schedulers(self) -> list[Any]:
+        """Every stage's learning-rate scheduler (None where none was made)."""
+        return [s.scheduler for s in self.stages]
+
+    def step(self, x: Any, y: Any) -> TickInfo:
+        """One tick in which microbatch (x, y) enters the pipeline. `x` is what the model
+        takes: a tensor, a tuple of positional arguments or a dict of keyword arguments."""
         if not self.in_flight():  # a new segment starts with this microbatch
             self._segment_tick, self._segment_mb, self._entered, self._done = self.tick, self._next_mb, 0, 0
         mb = self._next_mb

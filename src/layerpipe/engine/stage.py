@@ -20,6 +20,21 @@ Two other forms a weight takes before autograd saves it are handled the same way
   during the backward and reads the parameters themselves, so for the length of a backward
   whose weights differ from the live ones the parameters' `.data` point at the chosen
   version (nothing is modified in place; the optimizer never sees it).
+
+A stage's input and output may be one tensor (an nn.Sequential's slice: the fast path) or
+several (a model cut by `layerpipe.split`): stage 0 takes the model's own call (a tensor, a
+tuple of positional arguments or a dict of keyword arguments), stage k > 0 the tuple its
+predecessor returned. Each floating-point input becomes a leaf that requires a gradient
+(integer and boolean ones stay as they are); the backward returns one gradient per input
+(None where there is none).
+
+Tied parameters (one `nn.Parameter` read by several stages, such as tied embeddings): the
+first stage that reads it owns it (its optimizer, its weight strategy, its update); a later
+stage reading it records its forwards with the owner's strategy and takes that parameter's
+version for its backward from there (`link_tied`), and hands its part of the gradient of
+microbatch m to a shared `TiedGrads`, which the owner adds to its own in its backward of m
+(always later in the tick order: the owner comes first in the pipeline), so each tied
+parameter gets one update per microbatch from the sum of all its users' gradients.
 """
 from __future__ import annotations
 
@@ -30,12 +45,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from layerpipe.errors import TrainingDiverged
+from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
 from layerpipe.plan import PipelineSpec
 from layerpipe.weights import WeightStrategy, make_strategy
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+#: called once per stage with its optimizer; the scheduler is stepped after every update
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 @dataclass(frozen=True)
@@ -54,13 +71,56 @@ class _ParamRef:
 class InFlight:
     """A microbatch between its forward and its backward on one stage."""
 
-    inputs: Tensor  # leaf; its .grad is what the previous stage receives
-    output: Tensor  # the stage output (the loss on the last stage)
+    inputs: Any  # leaf tensor, or tuple of inputs (leaves where floating); their .grad goes back
+    output: Any  # the stage output, a tensor or a tuple (the loss on the last stage)
     version: int  # weight version its forward used
+    foreign_versions: tuple[int, ...] = ()  # versions of the owners of its tied parameters
+
+
+class TiedGrads:
+    """The parts of a tied parameter's gradient computed by the stages that do not own it,
+    kept per (microbatch, parameter) until the owner's backward of that microbatch."""
+
+    def __init__(self) -> None:
+        self.parts: dict[tuple[int, int], Tensor] = {}
+
+    def add(self, mb: int, p: Tensor, grad: Tensor) -> None:
+        key = (mb, id(p))
+        prev = self.parts.get(key)
+        self.parts[key] = grad if prev is None else prev + grad
+
+    def pop(self, mb: int, p: Tensor) -> Tensor | None:
+        return self.parts.pop((mb, id(p)), None)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+
+def _leaf(v: Any) -> Any:
+    if not isinstance(v, Tensor):
+        return v
+    leaf = v.detach()
+    if leaf.is_floating_point() or leaf.is_complex():
+        leaf.requires_grad_(True)
+    return leaf
+
+
+def _detach(out: Any) -> Any:
+    if isinstance(out, Tensor):
+        return out.detach()
+    if isinstance(out, tuple):
+        return tuple(o.detach() if isinstance(o, Tensor) else o for o in out)
+    raise PlanError(f"a stage other than the last must return a tensor or a tuple of tensors, got {type(out).__name__}")
 
 
 class Stage:
-    """Runs one stage's forward, backward and optimizer step for the tick engine."""
+    """Runs one stage's forward, backward and optimizer step for the tick engine.
+
+    Optional controls: `owned` (the parameters this stage updates; default: all it reads),
+    `autocast` ((device type, dtype): each forward and the loss run under `torch.autocast`),
+    `clip_grad_norm` (clip the stage's gradient to this norm before each step) and
+    `lr_scheduler` (factory called with the stage's optimizer; stepped after every update).
+    """
 
     def __init__(
         self,
@@ -72,6 +132,10 @@ class Stage:
         *,
         is_last: bool,
         loss_fn: LossFn | None = None,
+        owned: Sequence[nn.Parameter] | None = None,
+        autocast: tuple[str, torch.dtype] | None = None,
+        clip_grad_norm: float | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
     ) -> None:
         self.index = index
         self.module = module
@@ -79,14 +143,51 @@ class Stage:
         self.is_first = index == 0
         self.is_last = is_last
         self.loss_fn = loss_fn
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        read = [p for p in module.parameters() if p.requires_grad]
+        #: the parameters this stage updates (its optimizer's and strategy's)
+        self.owned = read if owned is None else list(owned)
+        #: every parameter its forward reads: the owned ones, then tied ones owned elsewhere
+        self.params = list(self.owned)
         # a stage without parameters (say, a lone activation) has nothing to update
-        self.optimizer = optimizer_factory(self.params) if (self.params and optimizer_factory) else None
-        self.strategy = strategy_factory(self.params, delay, self.optimizer)
+        self.optimizer = optimizer_factory(self.owned) if (self.owned and optimizer_factory) else None
+        self.strategy = strategy_factory(self.owned, delay, self.optimizer)
+        self.scheduler = lr_scheduler(self.optimizer) if (lr_scheduler and self.optimizer) else None
+        self.clip_grad_norm = clip_grad_norm
+        self._autocast = autocast
         self.inflight: dict[int, InFlight] = {}
+        # tied parameters (see the module docstring): set by `link_tied`
+        self._foreign: list[tuple[WeightStrategy, list[int]]] = []  # (owner's strategy, indices there)
+        self._foreign_params: list[nn.Parameter] = []
+        self._owned_tied: list[nn.Parameter] = []
+        self._tied: TiedGrads | None = None
+        self._index_params()
+        self._backward_weights: list[Tensor] | None = None
+
+    def _index_params(self) -> None:
         self._storage_index = {p.untyped_storage().data_ptr(): i for i, p in enumerate(self.params)}
         self._param_index = {id(p): i for i, p in enumerate(self.params)}
-        self._backward_weights: list[Tensor] | None = None
+
+    def link_tied(self, owners: Mapping[int, Stage], tied: TiedGrads, owned_tied: Sequence[nn.Parameter]) -> None:
+        """Read the tied parameters owned by other stages (`owners`: id(param) -> owner stage)
+        through their owners' strategies; `owned_tied`: this stage's own tied parameters,
+        whose other users' gradient parts it adds in its backward."""
+        self._tied = tied
+        self._owned_tied = list(owned_tied)
+        groups: dict[int, tuple[Stage, list[nn.Parameter]]] = {}
+        for p in (p for p in self.module.parameters() if p.requires_grad):
+            owner = owners.get(id(p))
+            if owner is None or owner is self:
+                continue
+            if owner.index >= self.index:
+                raise PlanError(f"stage {self.index} reads a parameter owned by the later stage {owner.index}")
+            groups.setdefault(owner.index, (owner, []))[1].append(p)
+        self._foreign, self._foreign_params = [], []
+        for owner, ps in groups.values():
+            where = {id(q): i for i, q in enumerate(owner.owned)}
+            self._foreign.append((owner.strategy, [where[id(p)] for p in ps]))
+            self._foreign_params.extend(ps)
+        self.params = list(self.owned) + self._foreign_params
+        self._index_params()
 
     # -- saved-tensor hooks -----------------------------------------------------------------
     def _pack(self, t: Tensor) -> Any:
@@ -119,76 +220,150 @@ class Stage:
         return w.as_strided(packed.size, packed.stride, w.storage_offset() + packed.offset)
 
     # -- the three actions of a tick --------------------------------------------------------
-    def forward(self, mb: int, x: Tensor, target: Tensor | None = None) -> Tensor:
-        """Forward of microbatch `mb` on the current weights. Returns the activation for the
-        next stage (detached) or, on the last stage, the detached loss."""
-        inputs = x.detach()
-        if not self.is_first and inputs.is_floating_point():
-            inputs.requires_grad_(True)
+    def forward(self, mb: int, x: Any, target: Any = None) -> Any:
+        """Forward of microbatch `mb` on the current weights. `x` is a tensor, a tuple (the
+        positional inputs) or, on the first stage, a dict (keyword inputs). Returns the
+        activation(s) for the next stage (detached) or, on the last stage, the detached loss."""
+        if isinstance(x, Tensor):  # the common case, kept lean
+            inputs = x.detach()
+            if not self.is_first and inputs.is_floating_point():
+                inputs.requires_grad_(True)
+            args: tuple = (inputs,)
+            kwargs: dict = {}
+        elif isinstance(x, tuple):
+            inputs = args = x if self.is_first else tuple(_leaf(v) for v in x)
+            kwargs = {}
+        elif isinstance(x, Mapping) and self.is_first:
+            inputs, args, kwargs = (), (), dict(x)
+        else:
+            raise LayerpipeError(f"stage {self.index} takes a tensor, a tuple of inputs or (stage 0) a dict of "
+                                 f"keyword inputs, got {type(x).__name__}")
         version = self.strategy.record_forward()
+        foreign = tuple(s.record_forward() for s, _ in self._foreign) if self._foreign else ()
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            out = self.module(inputs)
-            if self.is_last:
-                assert self.loss_fn is not None and target is not None
-                out = self.loss_fn(out, target)
+            if self._autocast is None:
+                out = self._run(args, kwargs, target)
+            else:
+                with torch.autocast(self._autocast[0], dtype=self._autocast[1]):
+                    out = self._run(args, kwargs, target)
         if self.is_last and not torch.isfinite(out.detach()).all():  # host sync on GPU
             raise TrainingDiverged(f"the loss of microbatch {mb} is {out.item()} (stage {self.index}); training stopped")
-        self.inflight[mb] = InFlight(inputs, out, version)
-        return out.detach()
+        self.inflight[mb] = InFlight(inputs, out, version, foreign)
+        return _detach(out)
 
-    def backward(self, mb: int, grad_output: Tensor | None = None) -> Tensor | None:
+    def _run(self, args: tuple, kwargs: dict, target: Any) -> Any:
+        out = self.module(*args, **kwargs) if kwargs else self.module(*args)
+        if self.is_last:
+            assert self.loss_fn is not None and target is not None
+            out = self.loss_fn(out, target)
+            if not isinstance(out, Tensor) or out.numel() != 1:
+                raise LayerpipeError("loss_fn(output, target) must return a scalar tensor, got "
+                                     + (f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__))
+        return out
+
+    def backward(self, mb: int, grad_output: Any = None) -> Any:
         """Backward of microbatch `mb` with the weights the strategy gives. Leaves the weight
-        gradient in `param.grad`; returns the gradient for the previous stage's output."""
+        gradient in `param.grad`; returns the gradient for the previous stage's output (a
+        tuple, None where none, when the stage took a tuple)."""
         item = self.inflight.pop(mb)
-        for p in self.params:
+        for p in self.owned:
             p.grad = None
         weights = self._backward_weights = self.strategy.backward_weights(item.version)
+        differs = weights is not self.strategy.params
+        if self._foreign:  # tied parameters owned elsewhere: their owners' versions
+            weights = list(weights)
+            for (strategy, where), v in zip(self._foreign, item.foreign_versions):
+                ws = strategy.backward_weights(v)
+                differs = differs or ws is not strategy.params
+                weights.extend(ws[i] for i in where)
+            self._backward_weights = weights
+            # this stage's part of their gradient must not mix with (or wipe) another's
+            saved = [p.grad for p in self._foreign_params]
+            for p in self._foreign_params:
+                p.grad = None
         # a recompute (activation checkpointing) reads the parameters themselves: point them at
         # the chosen version while the backward runs; the live storage comes back after
-        live = None if weights is self.strategy.params else [p.data for p in self.params]
+        live = [p.data for p in self.params] if differs else None
         try:
             if live is not None:
                 for p, w in zip(self.params, weights):
                     p.data = w
+            out = item.output
             if self.is_last:
-                item.output.backward()
-            elif item.output.requires_grad:
-                item.output.backward(grad_output)
+                out.backward()
+            elif isinstance(out, Tensor):
+                if out.requires_grad:
+                    out.backward(grad_output)
+            else:
+                grads = grad_output if grad_output is not None else ()
+                pairs = [(o, g) for o, g in zip(out, grads)
+                         if g is not None and isinstance(o, Tensor) and o.requires_grad]
+                if pairs:
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         finally:
             if live is not None:
                 for p, w in zip(self.params, live):
                     p.data = w
             self._backward_weights = None
             self.strategy.release(item.version)
-        return item.inputs.grad if item.inputs.requires_grad else None
+            for (strategy, _), v in zip(self._foreign, item.foreign_versions):
+                strategy.release(v)
+        if self._foreign:
+            assert self._tied is not None
+            for p, g in zip(self._foreign_params, saved):
+                if p.grad is not None:
+                    self._tied.add(mb, p, p.grad)
+                p.grad = g
+        if self._owned_tied:  # add the other users' parts: one update from the summed gradient
+            assert self._tied is not None
+            for p in self._owned_tied:
+                part = self._tied.pop(mb, p)
+                if part is not None:
+                    p.grad = part if p.grad is None else p.grad + part
+        inputs = item.inputs
+        if isinstance(inputs, Tensor):
+            return inputs.grad if inputs.requires_grad else None
+        if self.is_first:
+            return None
+        return tuple(v.grad if isinstance(v, Tensor) and v.requires_grad else None for v in inputs)
 
     def update(self) -> None:
-        """Apply the gradient of the last backward with the stage's optimizer."""
+        """Apply the gradient of the last backward with the stage's optimizer (clipped first
+        when `clip_grad_norm` is set; the learning-rate scheduler steps after)."""
+        if self.clip_grad_norm is not None and self.owned:
+            torch.nn.utils.clip_grad_norm_(self.owned, self.clip_grad_norm)
         self.strategy.before_update()
         if self.optimizer is not None:
             self.optimizer.step()
         self.strategy.after_update()
-        for p in self.params:
+        if self.scheduler is not None:
+            self.scheduler.step()
+        for p in self.owned:
             p.grad = None
 
     # -- reporting and checkpoints ----------------------------------------------------------
     def parameter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.params)
+        return sum(p.numel() * p.element_size() for p in self.owned)
 
     def state_dict(self) -> dict[str, Any]:
         if self.inflight:
             raise RuntimeError("a stage can only be checkpointed with no microbatch in flight")
-        return {
+        state = {
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "strategy": self.strategy.state_dict(),
         }
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.strategy.load_state_dict(state["strategy"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
 
 
 def build_stages(
@@ -199,15 +374,41 @@ def build_stages(
     loss_fn: LossFn,
     weight_options: Mapping[str, Any] | None = None,
     only: int | None = None,
+    *,
+    autocast: tuple[str, torch.dtype] | None = None,
+    clip_grad_norm: float | None = None,
+    lr_scheduler: SchedulerFactory | None = None,
 ) -> list[Stage]:
-    """One `Stage` per module (or only stage `only`), each with its optimizer and strategy."""
+    """One `Stage` per module (or only stage `only`), each with its optimizer and strategy.
+
+    A parameter read by several modules is owned by the first (see the module docstring);
+    that needs every stage in one process (`only` is then an error)."""
     options = dict(weight_options or {})
     last = spec.num_stages - 1
-    return [
+    users: dict[int, list[int]] = {}
+    by_id: dict[int, nn.Parameter] = {}
+    for k, m in enumerate(modules):
+        for p in m.parameters():
+            if p.requires_grad:
+                users.setdefault(id(p), []).append(k)
+                by_id[id(p)] = p
+    tied = {i: ks for i, ks in users.items() if len(ks) > 1}
+    if tied and only is not None:
+        raise PlanError("parameters shared by several stages (tied weights) need the single-process engine; "
+                        "the one-process-per-stage runtime does not support them yet")
+    stages = [
         Stage(k, modules[k], spec.delays[k], lambda ps, d, opt: make_strategy(weights, ps, d, opt, **options),
-              optimizer, is_last=k == last, loss_fn=loss_fn)
+              optimizer, is_last=k == last, loss_fn=loss_fn,
+              owned=[p for p in modules[k].parameters() if p.requires_grad and users[id(p)][0] == k] if tied else None,
+              autocast=autocast, clip_grad_norm=clip_grad_norm, lr_scheduler=lr_scheduler)
         for k in range(spec.num_stages) if only is None or k == only
     ]
+    if tied:
+        grads = TiedGrads()
+        owners = {i: stages[ks[0]] for i, ks in tied.items()}
+        for s in stages:
+            s.link_tied(owners, grads, [by_id[i] for i, ks in tied.items() if ks[0] == s.index])
+    return stages
 
 
 def sequential_modules(model: nn.Sequential, spec: PipelineSpec) -> list[nn.Module]:

@@ -16,7 +16,7 @@ from layerpipe.plan.layers import LayerInfo, describe_layers
 from layerpipe.plan.partition import balanced_partition, parse_stages, resolve_partition
 from layerpipe.plan.planner import LayerPlan, Plan, StagePlan, history_bytes, make_plan
 from layerpipe.plan.retiming import RetimingReport, ShortLoop, verify_delays
-from layerpipe.plan.spec import ENGINE_SCHEDULES, PipelineSpec, check_delays, make_spec, sequential_spec
+from layerpipe.plan.spec import ENGINE_SCHEDULES, PipelineSpec, check_delays, make_spec, sequential_spec, split_spec
 
 __all__ = [
     "ENGINE_SCHEDULES",
@@ -25,6 +25,7 @@ __all__ = [
     "check_delays",
     "make_spec",
     "sequential_spec",
+    "split_spec",
     "LayerInfo",
     "LayerPlan",
     "Plan",

@@ -131,3 +131,15 @@ def sequential_spec(
         raise PlanError(f"the model must be an nn.Sequential of layers, got {type(model).__name__} "
                         "(split other models with split_points=[...])")
     return make_spec(len(model), stages, schedule, delays, costs=param_costs(module_layers(model)))
+
+
+def split_spec(
+    split_points: Sequence[str],
+    schedule: str = "layerpipe",
+    delays: Sequence[int] | None = None,
+) -> PipelineSpec:
+    """The spec of a model cut at named submodules (`layerpipe.split`): one unit per stage,
+    the delays of `schedule` (or `delays`), and the split points recorded."""
+    k = len(split_points) + 1
+    spec = make_spec(k, [1] * k, schedule, delays)
+    return PipelineSpec(spec.stage_sizes, spec.delays, spec.schedule, tuple(split_points))

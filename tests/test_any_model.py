@@ -211,6 +211,12 @@ def test_stages_k_splits_automatically_and_bad_requests_raise_plan_errors():
     pipe = Pipeline(model, stages=2, weights="stash", optimizer=sgd, loss_fn=seq_loss, example_inputs=batches[0][0])
     assert pipe.num_stages == 2 and len(pipe.spec.split_points) == 1
     pipe.step(*batches[0])
+    with pytest.raises(LayerpipeError, match="missing a required argument"):
+        pipe.step((batches[1][0][0],), batches[1][1])  # checked before the microbatch enters
+    with pytest.raises(LayerpipeError, match="tensor, a tuple"):
+        pipe.step([1], batches[1][1])
+    pipe.step(*batches[1])
+    pipe.flush()
     with pytest.raises(PlanError, match="example_inputs"):
         Pipeline(make_tied(), split_points=["mid"])
     with pytest.raises(PlanError, match="not both"):

@@ -231,6 +231,12 @@ class Pipeline:
     def step(self, x: Any, y: Any) -> TickInfo:
         """One tick in which microbatch (x, y) enters the pipeline. `x` is what the model
         takes: a tensor, a tuple of positional arguments or a dict of keyword arguments."""
+        if self.split is not None:  # check the call before any state changes
+            args, kwargs = _as_call(x)
+            try:
+                self.split.stages[0]._flatten(args, kwargs)
+            except TypeError as exc:
+                raise LayerpipeError(f"the inputs do not fit the model's call: {exc}") from None
         if not self.in_flight():  # a new segment starts with this microbatch
             self._segment_tick, self._segment_mb, self._entered, self._done = self.tick, self._next_mb, 0, 0
         mb = self._next_mb

@@ -296,7 +296,7 @@ def seq_reference(model, delays, batches, autocast):
 
 
 @pytest.mark.parametrize("mode", ["nonreentrant", "reentrant"])
-@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), (None, None)])
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), (None, None)])
 def test_checkpoint_and_autocast_stash_equals_delayed_reference(precision, dtype, mode):
     batches = ckpt_batches()
     model = make_ckpt_model(mode)

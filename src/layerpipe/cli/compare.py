@@ -120,33 +120,10 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     results = {(stages, w, seed): finished[_job_key(stages, w, seed, args.stages[0])] for stages, w, seed in configs}
 
-    rows, panels = [], {}
-    for stages in args.stages:
-        panel = {}
-        # the partition of the depth, taken from any pipelined run of it
-        ref = next((results[(stages, w, s)] for w in strategies if w != "sync" for s in seeds), None)
-        for w in strategies:
-            runs = [results[(stages, w, s)] for s in seeds]
-            rows.append({
-                "stages": stages if ref is None else ",".join(map(str, ref["stages"])),
-                "delays": "0 (sync)" if w == "sync" or ref is None else ",".join(map(str, ref["delays"])),
-                "weights": w,
-                "accuracies": [r["test_accuracy"] for r in runs],
-                "history_x": max(r["weight_history_bytes"] for r in runs) / runs[0]["parameter_bytes"],
-                "seconds_per_epoch": sum(r["seconds_per_epoch"] for r in runs) / len(runs),
-            })
-            panel[w] = [[h["test_accuracy"] for h in r["history"]] for r in runs]
-        panels[f"K = {len(ref['stages']) if ref else stages}"] = panel
+    rows, panels = _summarise(args.stages, strategies, seeds, results)
     table = comparison_table(rows)
     first = next(iter(results.values()))
-    command = "layerpipe compare " + " ".join(
-        [f"--model {args.model}", f"--weights {args.weights}", f"--seeds {args.seeds}", "--stages " + " ".join(args.stages)]
-        + [f"--{k.replace('_', '-')} {v}" for k in ("dataset", "samples", "epochs", "batch_size", "optimizer", "lr")
-           if (v := getattr(args, k)) is not None]
-        + [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in OPTIONAL_FLAGS
-           if getattr(args, k) != TrainConfig.__dataclass_fields__[k].default]
-        + [f"--model-option {item}" for item in args.model_option]
-    )
+    command = _command(args)
     md = (
         f"# {args.model} on {first['dataset']}: weight strategies compared\n\n"
         f"Command: `{command}`\n\n"
@@ -163,3 +140,41 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     print(f"\nwrote {out / 'results.md'}, {out / 'curves.png'}, {out / 'results.json'}")
     return 0
+
+
+def _summarise(depths: list[str], strategies: list[str], seeds: list[int], results: dict) -> tuple[list[dict], dict]:
+    """Table rows (one per depth and strategy) and learning-curve panels (one per depth)."""
+    rows, panels = [], {}
+    for stages in depths:
+        panel = {}
+        # the partition of the depth, taken from any pipelined run of it
+        ref = next((results[(stages, w, s)] for w in strategies if w != "sync" for s in seeds), None)
+        for w in strategies:
+            runs = [results[(stages, w, s)] for s in seeds]
+            rows.append({
+                "stages": stages if ref is None else ",".join(map(str, ref["stages"])),
+                "delays": "0 (sync)" if w == "sync" or ref is None else ",".join(map(str, ref["delays"])),
+                "weights": w,
+                "accuracies": [r["test_accuracy"] for r in runs],
+                "history_x": max(r["weight_history_bytes"] for r in runs) / runs[0]["parameter_bytes"],
+                "seconds_per_epoch": sum(r["seconds_per_epoch"] for r in runs) / len(runs),
+            })
+            panel[w] = [[h["test_accuracy"] for h in r["history"]] for r in runs]
+        panels[f"K = {len(ref['stages']) if ref else stages}"] = panel
+    return rows, panels
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces the comparison (non-default flags only)."""
+    from layerpipe.training import TrainConfig
+
+    return "layerpipe compare " + " ".join(
+        [f"--model {args.model}", f"--weights {args.weights}", f"--seeds {args.seeds}", "--stages " + " ".join(args.stages)]
+        + [f"--{k.replace('_', '-')} {v}" for k in ("dataset", "samples", "epochs", "batch_size", "optimizer", "lr")
+           if (v := getattr(args, k)) is not None]
+        + [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in OPTIONAL_FLAGS
+           if getattr(args, k) != TrainConfig.__dataclass_fields__[k].default]
+        + [f"--model-option {item}" for item in args.model_option]
+        + [f"--weight-option {item}" for item in args.weight_option]
+    )
+

@@ -11,16 +11,14 @@ writes its failure line to LAYERPIPE_ERROR_FILE instead of printing it. When a c
 with an error the launcher terminates the others (SIGTERM, then SIGKILL) and reports one
 line: the failing child's own report, or how it died.
 
-`python -m layerpipe.cli.launch` is the child side for `layerpipe train --nproc K`: it runs the
+The child side of `layerpipe train --nproc K` is `python -m layerpipe.cli.train`: it runs the
 train command with the arguments the parent parsed (passed as JSON in LAYERPIPE_WORKER_ARGS).
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -168,22 +166,3 @@ def report_failure(message: str) -> bool:
     except OSError:
         return False
     return True
-
-
-def worker_main() -> int:
-    """Child side of `layerpipe train --nproc K`."""
-    import argparse
-    import logging
-
-    args = argparse.Namespace(**json.loads(os.environ[WORKER_ARGS_ENV]))
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    from layerpipe.cli.train import run
-
-    return int(run(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())

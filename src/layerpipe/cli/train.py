@@ -124,7 +124,7 @@ def _launch(args: argparse.Namespace, config, run_dir: Path) -> int:
     worker_args = {k: v for k, v in vars(args).items() if k != "run"}
     worker_args["run_dir"] = str(run_dir)  # one folder for all, chosen here
     env = dict(os.environ, **{WORKER_ARGS_ENV: json.dumps(worker_args)})
-    result = launch([sys.executable, "-m", "layerpipe.cli.launch"], args.nproc, env=env)
+    result = launch([sys.executable, "-m", "layerpipe.cli.train"], args.nproc, env=env)
     if result.returncode:
         raise LayerpipeError(result.message)
     return 0
@@ -163,3 +163,24 @@ def _leave_now(message: str | None, code: int = 2) -> None:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
+
+
+def worker_main() -> int:
+    """Child side of `layerpipe train --nproc K`: run with the arguments the parent parsed."""
+    import logging
+    import os
+
+    from layerpipe.cli.launch import WORKER_ARGS_ENV
+
+    args = argparse.Namespace(**json.loads(os.environ[WORKER_ARGS_ENV]))
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    return int(run(args) or 0)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(worker_main())

@@ -132,22 +132,8 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
                          parameter_bytes=sum(engine.stage_parameter_bytes))
     shared = engine.share("run_dir", str(run_dir) if run_dir else "")  # rank 0's folder everywhere
     run_path = Path(shared) if shared else None
-    first_epoch = 0
-    if resume:
-        if run_path is None:
-            raise LayerpipeError("--resume needs a run folder")
-        state = load_checkpoint(run_path, engine.rank, engine.world_size, config)
-        engine.load_state_dict(state["engine"])
-        first_epoch, result.history = int(state["epoch"]), list(state["history"])
-        torch.set_rng_state(state["rng"])  # dropout masks continue as they would have
-    # every process must agree on the plan; the main process needs the starting history bytes
-    plans = engine.gather((engine.stage_sizes, engine.delays, first_epoch, engine.history_bytes()))
-    peak_history = 0
-    if main:
-        assert plans is not None
-        if len({repr(p[:3]) for p in plans}) != 1:
-            raise LayerpipeError(f"the processes disagree on the plan or the checkpoint: {plans}")
-        peak_history = sum(int(p[3]) for p in plans)
+    first_epoch = _resume(engine, config, run_path, result) if resume else 0
+    peak_history = _agree(engine, first_epoch)
     metrics = MetricsLog(run_path / "metrics.jsonl", config.to_dict()) if run_path and main else None
     for record in result.history if metrics else []:
         metrics.write(record)
@@ -189,6 +175,28 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
             atomic_torch_save(model_state, save)
     result.run_dir = str(run_path) if run_path else None
     return result
+
+
+def _resume(engine: Engine, config: TrainConfig, run_path: Path | None, result: TrainResult) -> int:
+    """Load the committed checkpoint into the engine; the epoch to continue from."""
+    if run_path is None:
+        raise LayerpipeError("--resume needs a run folder")
+    state = load_checkpoint(run_path, engine.rank, engine.world_size, config)
+    engine.load_state_dict(state["engine"])
+    result.history = list(state["history"])
+    torch.set_rng_state(state["rng"])  # dropout masks continue as they would have
+    return int(state["epoch"])
+
+
+def _agree(engine: Engine, first_epoch: int) -> int:
+    """Every process must agree on the plan and the epoch; returns (on the main process) the
+    weight-history bytes held at the start."""
+    plans = engine.gather((engine.stage_sizes, engine.delays, first_epoch, engine.history_bytes()))
+    if plans is None:
+        return 0
+    if len({repr(p[:3]) for p in plans}) != 1:
+        raise LayerpipeError(f"the processes disagree on the plan or the checkpoint: {plans}")
+    return sum(int(p[3]) for p in plans)
 
 
 def record_epoch(result: TrainResult, metrics: MetricsLog | None, epoch: int, train_loss: float, test_loss: float,

@@ -117,8 +117,9 @@ def test_allreduce_and_split_whole():
     c = StageCosts.uniform(2, forward=1.0, backward=2.0, update=0.5, weight_bytes=100.0, allreduce=ar)
     assert c.update_time(0) == pytest.approx(0.5 + 0.5 + 1.0)
     assert simulate(c, "layerpipe", 4).throughput == pytest.approx(1 / 5.0)
-    w = StageCosts.split_whole(4, forward=4.0, backward=8.0, weight_bytes=40.0, transfer=0.1)
+    w = StageCosts.split_whole(4, forward=4.0, backward=8.0, weight_bytes=40.0, activation_bytes=8.0, transfer=0.1)
     assert w.forward == (1.0,) * 4 and w.weight_bytes == (10.0,) * 4 and w.transfer == (0.1,) * 3
+    assert w.activation_bytes == (2.0,) * 4 and w.backward_input == (1.0,) * 4
 
 
 def test_bad_costs_raise():

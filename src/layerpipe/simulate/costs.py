@@ -125,12 +125,12 @@ class StageCosts:
     @classmethod
     def split_whole(cls, num_stages: int, **totals: float) -> StageCosts:
         """K stages with 1/K of the whole model's times and bytes each (a perfectly balanced
-        partition); `transfer` and `activation_bytes` are per boundary / per stage already."""
+        partition), activations per microbatch included; `transfer` stays per boundary."""
         k = int(num_stages)
         if k < 1:
             raise LayerpipeError(f"need at least one stage, got {num_stages}")
-        per = {n: (v / k if n in ("forward", "backward", "weight_grad", "update", "weight_bytes", "optimizer_bytes")
-                   and v is not None else v) for n, v in totals.items()}
+        split = ("forward", "backward", "weight_grad", "update", "weight_bytes", "optimizer_bytes", "activation_bytes")
+        per = {n: (v / k if n in split and v is not None else v) for n, v in totals.items()}
         return cls.make(k, **per)
 
     def update_time(self, k: int) -> float:

@@ -35,6 +35,10 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
 def _table(header: list[str], rows: list[list[str]], left: int) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
@@ -56,8 +60,7 @@ def render_table(results: Sequence[SimResult], weights: str, batch: int = 1, sam
         eff = tput / samples_factor if r.schedule in ASYNC_SCHEDULES else tput
         base = ref.get((r.num_stages, r.microbatches))
         name = f"{r.schedule} ({weights})" if r.schedule in ASYNC_SCHEDULES else r.schedule
-        rows.append([name, str(r.num_stages), str(r.microbatches), f"{tput:.4g}",
-                     *([f"{eff:.4g}"] if effective else []),
+        rows.append([name, str(r.num_stages), str(r.microbatches), _num(tput), *([_num(eff)] if effective else []),
                      f"{(eff if effective else tput) / (base * batch):.2f}x" if base else "-",
                      f"{100 * r.bubble:.1f}%", str(r.in_flight[0]), fmt_bytes(r.peak_memory(key)),
                      fmt_bytes(r.memory[key][0])])

@@ -111,7 +111,7 @@ def recorded(path: Path) -> dict[str, dict[str, float]]:
             block = "malloc-tuned" if "tuned" in line else "glibc"
             out[block] = {}
         if block and line.startswith("| (a) plain training, 1 thread |"):
-            out[block]["a1"] = float(line.split("|")[2])
+            out[block]["a1"] = float(line.split("|")[2].replace("!", ""))  # "!": no clean round
         m = re.match(r"\| \((c|d)\) (.*?) \| ([0-9.]+)", line)
         if m and block:
             label = m.group(2)
@@ -127,6 +127,7 @@ def run_benchmark() -> dict[str, dict[str, float]]:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     tmp = Path("/tmp") / f"simulate_check_{int(time.time())}.md"
     tmp.write_text(proc.stdout)
+    print(f"benchmark output saved to {tmp}", file=sys.stderr)
     return recorded(tmp)
 
 
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--microbatches", type=int, default=48, help="microbatches per timed epoch of (c) (default 48)")
     p.add_argument("--repeats", type=int, default=15, help="timed repeats per stage measurement (median)")
     p.add_argument("--transfer", type=float, help="seconds per boundary transfer (default: the measured copy)")
+    p.add_argument("--measured", metavar="FILE", action="append", default=[],
+                   help="also compare with this distributed_throughput.py output (markdown); repeatable")
     p.add_argument("--run-benchmark", action="store_true",
                    help="also run distributed_throughput.py --rounds 1 once (minutes, both cores)")
     args = p.parse_args(argv)
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
           f"this process waited for a CPU {100 * preempted:.0f}% of the measuring time (other processes)\n")
     pred = predict(costs, extra, args.microbatches, args.batch)
     sources = {f"recorded {RECORDED.name} ({blk})": rows for blk, rows in recorded(RECORDED).items()}
+    for path in args.measured:
+        sources.update({f"{Path(path).name} ({blk})": rows for blk, rows in recorded(Path(path)).items()})
     if args.run_benchmark:
         sources.update({f"fresh run --rounds 1 ({blk})": rows for blk, rows in run_benchmark().items()})
     labels = {"c-stash": "(c) layerpipe runtime, 2 processes, stash", "c-ema": "(c) layerpipe runtime, 2 processes, ema",

@@ -15,6 +15,7 @@ itself needs no weights, so it always lands in `param.grad` for the optimizer.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,9 @@ class Stage:
         self.updates = 0
         self._storage_index = {p.untyped_storage().data_ptr(): i for i, p in enumerate(self.params)}
         self._backward_weights: list[Tensor] | None = None
+        # set by a compensation (layerpipe.compensate.predict): the forward runs on predicted
+        # weights inside this context; saved parameters still resolve to backward_weights
+        self.forward_context: Callable[[], AbstractContextManager[Any]] | None = None
 
     # -- saved-tensor hooks -----------------------------------------------------------------
     def _pack(self, t: Tensor) -> Any:
@@ -102,7 +106,8 @@ class Stage:
         if not self.is_first and inputs.is_floating_point():
             inputs.requires_grad_(True)
         version = self.strategy.record_forward()
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+        predicted = self.forward_context() if self.forward_context is not None else nullcontext()
+        with predicted, torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             out = self.module(inputs)
             if self.is_last:
                 assert self.loss_fn is not None and target is not None

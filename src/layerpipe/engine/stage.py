@@ -24,6 +24,7 @@ Two other forms a weight takes before autograd saves it are handled the same way
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,9 @@ class Stage:
         self._storage_index = {p.untyped_storage().data_ptr(): i for i, p in enumerate(self.params)}
         self._param_index = {id(p): i for i, p in enumerate(self.params)}
         self._backward_weights: list[Tensor] | None = None
+        # set by a compensation (layerpipe.compensate.predict): the forward runs on predicted
+        # weights inside this context; saved parameters still resolve to backward_weights
+        self.forward_context: Callable[[], AbstractContextManager[Any]] | None = None
 
     # -- saved-tensor hooks -----------------------------------------------------------------
     def _pack(self, t: Tensor) -> Any:
@@ -126,7 +130,8 @@ class Stage:
         if not self.is_first and inputs.is_floating_point():
             inputs.requires_grad_(True)
         version = self.strategy.record_forward()
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+        predicted = self.forward_context() if self.forward_context is not None else nullcontext()
+        with predicted, torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             out = self.module(inputs)
             if self.is_last:
                 assert self.loss_fn is not None and target is not None

@@ -176,5 +176,6 @@ def _command(args: argparse.Namespace) -> str:
            if getattr(args, k) != TrainConfig.__dataclass_fields__[k].default]
         + [f"--model-option {item}" for item in args.model_option]
         + [f"--weight-option {item}" for item in args.weight_option]
+        + [f"--compensation {item}" for item in (args.compensation or [])]
     )
 

@@ -92,12 +92,17 @@ def pipeline_optimizer(
     return factory
 
 
+def attach_stage(stage: Any) -> None:
+    """Give a stage's compensation its stage (installs forward prediction hooks)."""
+    fn = getattr(stage.optimizer, "attach", None)
+    if callable(fn):
+        fn(stage)
+
+
 def attach(pipeline: Any) -> None:
-    """Give every stage's compensation its stage (installs forward prediction hooks)."""
+    """`attach_stage` for every stage of a pipeline built with `pipeline_optimizer`."""
     for stage in pipeline.stages:
-        fn = getattr(stage.optimizer, "attach", None)
-        if callable(fn):
-            fn(stage)
+        attach_stage(stage)
 
 
 def compensation_bytes(pipeline: Any) -> int:
@@ -109,6 +114,7 @@ __all__ = [
     "TECHNIQUES",
     "Compensation",
     "attach",
+    "attach_stage",
     "build_optimizer",
     "compensation_bytes",
     "history_bytes",

@@ -76,6 +76,9 @@ class Pipeline:
         schedule: `layerpipe` (d_k = 2 S(k)), `pipedream` (d_k = S(k)) or `sync`.
         delays: explicit per-stage delays in ticks, overriding `schedule`.
         weight_options: keyword options of the strategy (e.g. {"alpha": 0.3} for `ema`).
+        compensation: delay compensation, a list of specs of `layerpipe.compensate` (e.g.
+            ["nesterov", "predict:c=0.5"]): techniques that build or wrap each stage's
+            optimizer knowing its delay; anything they keep counts in the history bytes.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class Pipeline:
         schedule: str = "layerpipe",
         delays: Sequence[int] | None = None,
         weight_options: Mapping[str, Any] | None = None,
+        compensation: Sequence[Any] | None = None,
     ) -> None:
         strategy, schedule = resolve_strategy(weights, schedule)
         self.spec = sequential_spec(model, stages, schedule, delays)
@@ -96,7 +100,8 @@ class Pipeline:
         self.weights = weights
         self.loss_fn = loss_fn
         self.stages = build_stages(sequential_modules(model, self.spec), self.spec, strategy,
-                                   optimizer or default_optimizer, loss_fn, weight_options)
+                                   optimizer or default_optimizer, loss_fn, weight_options,
+                                   compensation=compensation)
         self.tick = 0
         # activations waiting at each stage's input, gradients at each stage's output:
         # stage -> {microbatch: tensor}
@@ -154,7 +159,7 @@ class Pipeline:
 
     def weight_history_bytes(self) -> int:
         """Bytes the weight strategies hold right now for past weights."""
-        return sum(s.strategy.history_bytes() for s in self.stages)
+        return sum(s.history_bytes() for s in self.stages)
 
     def parameter_bytes(self) -> int:
         return sum(s.parameter_bytes() for s in self.stages)

@@ -28,10 +28,13 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
 from layerpipe.errors import TrainingDiverged
+from layerpipe.compensate import attach_stage, build_optimizer, history_bytes
 from layerpipe.plan import PipelineSpec
 from layerpipe.weights import WeightStrategy, make_strategy
 
@@ -177,6 +180,10 @@ class Stage:
             p.grad = None
 
     # -- reporting and checkpoints ----------------------------------------------------------
+    def history_bytes(self) -> int:
+        """Bytes held for past weights: the strategy's and any delay compensation's."""
+        return self.strategy.history_bytes() + history_bytes(self.optimizer)
+
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.params)
 
@@ -204,15 +211,26 @@ def build_stages(
     loss_fn: LossFn,
     weight_options: Mapping[str, Any] | None = None,
     only: int | None = None,
+    compensation: Sequence[Any] | None = None,
 ) -> list[Stage]:
-    """One `Stage` per module (or only stage `only`), each with its optimizer and strategy."""
+    """One `Stage` per module (or only stage `only`), each with its optimizer and strategy.
+    `compensation`: delay-compensation specs (`layerpipe.compensate`, e.g. ["predict"]) that
+    build or wrap each stage's optimizer knowing the stage's delay."""
     options = dict(weight_options or {})
     last = spec.num_stages - 1
-    return [
-        Stage(k, modules[k], spec.delays[k], lambda ps, d, opt: make_strategy(weights, ps, d, opt, **options),
-              optimizer, is_last=k == last, loss_fn=loss_fn)
-        for k in range(spec.num_stages) if only is None or k == only
-    ]
+    stages = []
+    for k in range(spec.num_stages):
+        if only is not None and k != only:
+            continue
+        factory = optimizer
+        if compensation:
+            factory = functools.partial(build_optimizer, delay=spec.delays[k], specs=list(compensation), base=optimizer)
+        stage = Stage(k, modules[k], spec.delays[k], lambda ps, d, opt: make_strategy(weights, ps, d, opt, **options),
+                      factory, is_last=k == last, loss_fn=loss_fn)
+        if compensation and stage.optimizer is not None:
+            attach_stage(stage)
+        stages.append(stage)
+    return stages
 
 
 def sequential_modules(model: nn.Sequential, spec: PipelineSpec) -> list[nn.Module]:

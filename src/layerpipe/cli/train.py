@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
               f"({result.weight_history_bytes / result.parameter_bytes:.2f} x |W|); "
               f"stash would hold {result.stash_bytes * mib:.3f} MiB ({result.stash_bytes / result.parameter_bytes:.2f} x |W|); "
               f"|W| = {result.parameter_bytes * mib:.3f} MiB")
-        print(f"metrics: {run_dir / 'metrics.jsonl'}, curve: {run_dir / 'learning_curve.png'}")
+        curve = run_dir / "learning_curve.png"
+        print(f"metrics: {run_dir / 'metrics.jsonl'}" + (f", curve: {curve}" if curve.exists() else ""))
     else:
         print(json.dumps(summary))
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 from typing import Any
 
 from layerpipe.errors import LayerpipeError
@@ -92,6 +93,29 @@ def parse_model_options(items: list[str], flag: str = "--model-option") -> dict[
                 value = text  # a bare word is a string
         options[key.strip()] = value
     return options
+
+
+@contextlib.contextmanager
+def signals_as_interrupt(enabled: bool = True):
+    """SIGTERM and SIGHUP end the command as Ctrl-C does (KeyboardInterrupt: the run folder is
+    marked interrupted, one line, exit 130) instead of killing it silently mid-write. Only in
+    the main thread; elsewhere a no-op."""
+    import signal
+    import threading
+
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def strategies_help() -> str:

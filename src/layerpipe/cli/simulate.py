@@ -249,6 +249,10 @@ def run(args: argparse.Namespace) -> int:
     from layerpipe.simulate.report import render_table, save_png, sweep
     from layerpipe.simulate.schedules import SCHEDULES
 
+    if args.png:
+        from layerpipe.errors import require
+
+        require("matplotlib", "plots", "simulate --png")
     for flag in ("png", "json"):
         path = getattr(args, flag)
         if path and path != "-" and not Path(path).resolve().parent.is_dir():

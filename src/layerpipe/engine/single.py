@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from layerpipe.engine.checks import check_arguments, check_first_batch, checked_optimizer
 from layerpipe.engine.stage import LossFn, OptimizerFactory, Stage, build_stages, sequential_modules
 from layerpipe.errors import LayerpipeError
 from layerpipe.plan import PipelineSpec, sequential_spec
@@ -93,6 +94,7 @@ class Pipeline:
         weight_options: Mapping[str, Any] | None = None,
         compensation: Sequence[Any] | None = None,
     ) -> None:
+        check_arguments(model, stages, weights, optimizer, loss_fn, schedule, delays, weight_options)  # once
         strategy, schedule = resolve_strategy(weights, schedule)
         self.spec = sequential_spec(model, stages, schedule, delays)
         self.timing = Timing.of(self.spec)
@@ -100,7 +102,7 @@ class Pipeline:
         self.weights = weights
         self.loss_fn = loss_fn
         self.stages = build_stages(sequential_modules(model, self.spec), self.spec, strategy,
-                                   optimizer or default_optimizer, loss_fn, weight_options,
+                                   checked_optimizer(optimizer or default_optimizer), loss_fn, weight_options,
                                    compensation=compensation)
         self.tick = 0
         # activations waiting at each stage's input, gradients at each stage's output:
@@ -137,6 +139,8 @@ class Pipeline:
 
     def step(self, x: Tensor, y: Tensor) -> TickInfo:
         """One tick in which microbatch (x, y) enters the pipeline."""
+        if self._next_mb == 0:  # the first microbatch only: shapes, dtypes, the loss
+            check_first_batch(self.model, self.loss_fn, x, y)
         if not self.in_flight():  # a new segment starts with this microbatch
             self._segment_tick, self._segment_mb, self._entered, self._done = self.tick, self._next_mb, 0, 0
         mb = self._next_mb

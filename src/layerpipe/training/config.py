@@ -102,6 +102,9 @@ class TrainConfig:
         if not self.lr or not self.lr > 0 or self.lr == float("inf"):
             raise LayerpipeError(f"--lr must be a positive number, got {self.lr}")
         parse_stages(self.stages)
+        from layerpipe.training.validate import check_config
+
+        check_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -68,7 +68,7 @@ def test_nan_stops_without_overwriting_a_good_save(capsys, tmp_path):
     good = save.read_bytes()
     assert set(torch.load(save)) == set(dict(__import__("layerpipe.models", fromlist=["x"]).build_model("cnn1d").state_dict()))
     capsys.readouterr()
-    rc = main(args + ["--lr", "1e12"])
+    rc = main(args + ["--lr", "1e12", "--overwrite"])  # replaces the run folder; the save only if it ends well
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "loss" in err
     assert save.read_bytes() == good

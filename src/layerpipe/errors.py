@@ -20,3 +20,18 @@ class TrainingDiverged(LayerpipeError):
 
 class DistributedError(LayerpipeError):
     """A stage process failed, timed out or could not be reached."""
+
+
+class MissingExtra(LayerpipeError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+def require(module: str, extra: str, what: str):
+    """Import `module`, or raise MissingExtra naming `pip install 'layerpipe[extra]'`."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(f"{what} needs {module.split('.')[0]}, which is not installed: "
+                           f"pip install 'layerpipe[{extra}]'") from None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 from typing import Any
 
 from layerpipe.errors import LayerpipeError
@@ -41,6 +42,10 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
                         "gradient delay d_k > 0 (helps the transformer, see docs/results.md)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--compensation", action="append", default=None, metavar="SPEC",
+                   help="delay compensation, repeatable: NAME or NAME:KEY=VALUE,... e.g. nesterov, muon:lr=4e-3, "
+                        "error-feedback:c=0.5, predict, accumulate, pipemare; 'none' for none "
+                        "(default: the model's recipe). See layerpipe.compensate")
     p.add_argument("--weight-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of the weight strategy, repeatable: e.g. alpha=0.3 (ema)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -58,9 +63,17 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         momentum=args.momentum, weight_decay=args.weight_decay, seed=getattr(args, "seed", 0), device=args.device,
         threads=args.threads, model_options=parse_model_options(args.model_option, "--model-option"),
         weight_options=parse_model_options(args.weight_option, "--weight-option"),
+        compensation=_compensation(args.compensation),
     )
     fields.update(overrides)
     return TrainConfig(**fields)
+
+
+def _compensation(items: list[str] | None) -> list[str] | None:
+    """--compensation values: None (the recipe's), [] for 'none', else the specs given."""
+    if items is None:
+        return None
+    return [] if [i.strip().lower() for i in items] == ["none"] else list(items)
 
 
 def parse_model_options(items: list[str], flag: str = "--model-option") -> dict[str, Any]:
@@ -80,6 +93,29 @@ def parse_model_options(items: list[str], flag: str = "--model-option") -> dict[
                 value = text  # a bare word is a string
         options[key.strip()] = value
     return options
+
+
+@contextlib.contextmanager
+def signals_as_interrupt(enabled: bool = True):
+    """SIGTERM and SIGHUP end the command as Ctrl-C does (KeyboardInterrupt: the run folder is
+    marked interrupted, one line, exit 130) instead of killing it silently mid-write. Only in
+    the main thread; elsewhere a no-op."""
+    import signal
+    import threading
+
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def strategies_help() -> str:

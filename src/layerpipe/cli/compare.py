@@ -16,9 +16,13 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import sys
 from pathlib import Path
 
-from layerpipe.cli.common import add_training_arguments, config_from_args, strategies_help
+from layerpipe.cli.common import add_training_arguments, config_from_args, signals_as_interrupt, strategies_help
+
+#: what a finished (or partly finished) comparison leaves in --out
+RESULT_FILES = ("results.md", "results.json", "curves.png", "partial.json")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--stages", nargs="+", default=["4"],
                    help="depths to sweep, each as for train: K, a list like 2,1,3,1, or 'all' (default 4)")
-    p.add_argument("--out", default=None, help="output folder (default runs/compare-<time>-<model>)")
+    p.add_argument("--out", default=None, help="output folder (default runs/compare-<time>-<model>); one that "
+                   "already holds results is refused without --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time, each in its own process (default 1); with --threads, jobs x threads "
                         "should not exceed the cores")
@@ -55,18 +61,32 @@ def _run_all(jobs: dict[tuple[str, str, int], dict], workers: int, bar, on_done)
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    from layerpipe.cli.launch import die_with_parent
+
     # spawn, not fork: a forked child of a process with torch's thread pools can hang
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=die_with_parent, initargs=(True,))
+    try:
         pending = {pool.submit(_train_entry, fields): key for key, fields in jobs.items()}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)  # record each run as it ends
             for future in done:
                 key = pending.pop(future)
                 if future.exception() is not None:
-                    for other in pending:
-                        other.cancel()
                     raise future.exception()
                 on_done(key, future.result())
+    except BaseException:
+        # an error, Ctrl-C, SIGTERM or SIGHUP: the workers stop now, not after their runs
+        workers_now = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in workers_now:
+            proc.terminate()
+        for proc in workers_now:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+        raise
+    pool.shutdown()
 
 
 #: settings shown in the results' command only when they differ from TrainConfig's defaults
@@ -82,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from layerpipe.errors import LayerpipeError
-    from layerpipe.report.plots import learning_curves
+    from layerpipe.report.outputs import check_output_dir
+    from layerpipe.report.plots import MissingExtra, learning_curves
     from layerpipe.report.records import atomic_write_bytes, environment
     from layerpipe.report.tables import comparison_table
     from layerpipe.training import TrainConfig
@@ -97,8 +118,10 @@ def run(args: argparse.Namespace) -> int:
         config_from_args(args, stages=stages, weights=w, seed=seed)
     if args.jobs < 1:
         raise LayerpipeError(f"--jobs must be at least 1, got {args.jobs}")
+    if len(set(strategies)) != len(strategies) or len(set(seeds)) != len(seeds):
+        raise LayerpipeError(f"--weights and --seeds must not repeat an entry, got {args.weights!r} and {args.seeds!r}")
     out = Path(args.out or f"runs/compare-{_dt.datetime.now():%Y%m%d-%H%M%S}-{args.model}")
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, "--out", RESULT_FILES, overwrite=args.overwrite)
     env = environment()  # now: the commit and date of the code that runs, not of the end
 
     jobs: dict[tuple[str, str, int], dict] = {}
@@ -115,13 +138,42 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_bytes(out / "partial.json", json.dumps([{"key": list(k), **v} for k, v in finished.items()]).encode())
 
     try:
-        _run_all(jobs, args.jobs, bar, on_done)
+        with signals_as_interrupt():
+            _run_all(jobs, args.jobs, bar, on_done)
     finally:
         bar.close()
     results = {(stages, w, seed): finished[_job_key(stages, w, seed, args.stages[0])] for stages, w, seed in configs}
 
+    rows, panels = _summarise(args.stages, strategies, seeds, results)
+    table = comparison_table(rows)
+    first = next(iter(results.values()))
+    command = _command(args)
+    md = (
+        f"# {args.model} on {first['dataset']}: weight strategies compared\n\n"
+        f"Command: `{command}`\n\n"
+        f"Machine: {env['processor']}, {env['cpus']} CPUs, torch {env['torch']}, python {env['python']}; "
+        f"date {env['date']}; commit {env['commit']}\n\n"
+        f"Config: {first['epochs']} epochs, seeds {args.seeds}\n\n{table}\n\n![learning curves](curves.png)\n"
+    )
+    atomic_write_bytes(out / "results.md", md.encode())
+    atomic_write_bytes(out / "results.json", json.dumps(
+        {"environment": env, "command": command, "runs": [{"key": list(k), **v} for k, v in results.items()]}, indent=1
+    ).encode())
+    wrote = [out / "results.md", out / "results.json"]
+    try:
+        wrote.insert(1, learning_curves(panels, out / "curves.png"))
+    except MissingExtra as exc:
+        print(f"layerpipe compare: warning: {exc}; curves.png not drawn", file=sys.stderr)
+    (out / "partial.json").unlink(missing_ok=True)
+    print(table)
+    print(f"\nwrote {', '.join(map(str, wrote))}")
+    return 0
+
+
+def _summarise(depths: list[str], strategies: list[str], seeds: list[int], results: dict) -> tuple[list[dict], dict]:
+    """Table rows (one per depth and strategy) and learning-curve panels (one per depth)."""
     rows, panels = [], {}
-    for stages in args.stages:
+    for stages in depths:
         panel = {}
         # the partition of the depth, taken from any pipelined run of it
         ref = next((results[(stages, w, s)] for w in strategies if w != "sync" for s in seeds), None)
@@ -137,29 +189,21 @@ def run(args: argparse.Namespace) -> int:
             })
             panel[w] = [[h["test_accuracy"] for h in r["history"]] for r in runs]
         panels[f"K = {len(ref['stages']) if ref else stages}"] = panel
-    table = comparison_table(rows)
-    first = next(iter(results.values()))
-    command = "layerpipe compare " + " ".join(
+    return rows, panels
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces the comparison (non-default flags only)."""
+    from layerpipe.training import TrainConfig
+
+    return "layerpipe compare " + " ".join(
         [f"--model {args.model}", f"--weights {args.weights}", f"--seeds {args.seeds}", "--stages " + " ".join(args.stages)]
         + [f"--{k.replace('_', '-')} {v}" for k in ("dataset", "samples", "epochs", "batch_size", "optimizer", "lr")
            if (v := getattr(args, k)) is not None]
         + [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in OPTIONAL_FLAGS
            if getattr(args, k) != TrainConfig.__dataclass_fields__[k].default]
         + [f"--model-option {item}" for item in args.model_option]
+        + [f"--weight-option {item}" for item in args.weight_option]
+        + [f"--compensation {item}" for item in (args.compensation or [])]
     )
-    md = (
-        f"# {args.model} on {first['dataset']}: weight strategies compared\n\n"
-        f"Command: `{command}`\n\n"
-        f"Machine: {env['processor']}, {env['cpus']} CPUs, torch {env['torch']}, python {env['python']}; "
-        f"date {env['date']}; commit {env['commit']}\n\n"
-        f"Config: {first['epochs']} epochs, seeds {args.seeds}\n\n{table}\n\n![learning curves](curves.png)\n"
-    )
-    atomic_write_bytes(out / "results.md", md.encode())
-    atomic_write_bytes(out / "results.json", json.dumps(
-        {"environment": env, "command": command, "runs": [{"key": list(k), **v} for k, v in results.items()]}, indent=1
-    ).encode())
-    learning_curves(panels, out / "curves.png")
-    (out / "partial.json").unlink(missing_ok=True)
-    print(table)
-    print(f"\nwrote {out / 'results.md'}, {out / 'curves.png'}, {out / 'results.json'}")
-    return 0
+

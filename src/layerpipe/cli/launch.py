@@ -11,22 +11,26 @@ writes its failure line to LAYERPIPE_ERROR_FILE instead of printing it. When a c
 with an error the launcher terminates the others (SIGTERM, then SIGKILL) and reports one
 line: the failing child's own report, or how it died.
 
-`python -m layerpipe.cli.launch` is the child side for `layerpipe train --nproc K`: it runs the
+The child side of `layerpipe train --nproc K` is `python -m layerpipe.cli.train`: it runs the
 train command with the arguments the parent parsed (passed as JSON in LAYERPIPE_WORKER_ARGS).
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import signal
 import subprocess
-import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 WORKER_ARGS_ENV = "LAYERPIPE_WORKER_ARGS"
+#: the launcher's pid, so that a child can tell it has already gone (see `die_with_parent`)
+LAUNCHER_PID_ENV = "LAYERPIPE_LAUNCHER_PID"
+#: quiet C++ logging for children: a forced exit must not print c10/gloo warnings and stacks
+QUIET_ENV = {"TORCH_CPP_LOG_LEVEL": "ERROR", "TORCH_SHOW_CPP_STACKTRACES": "0"}
 ERROR_FILE_ENV = "LAYERPIPE_ERROR_FILE"
 #: glibc settings the launcher gives its children (see `launch`)
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
@@ -70,7 +74,7 @@ def launch(
     store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
     threads = threads_per_process or max(1, (os.cpu_count() or 1) // nproc)
     procs: list[subprocess.Popen] = []
-    with tempfile.TemporaryDirectory(prefix="layerpipe-launch-") as tmp:
+    with _signals_stop_children(), tempfile.TemporaryDirectory(prefix="layerpipe-launch-") as tmp:
         error_files = [Path(tmp) / f"error-rank{r}.txt" for r in range(nproc)]
         try:
             for r in range(nproc):
@@ -81,6 +85,9 @@ def launch(
                     **{ERROR_FILE_ENV: str(error_files[r])},
                 )
                 child_env.setdefault("OMP_NUM_THREADS", str(threads))
+                child_env[LAUNCHER_PID_ENV] = str(os.getpid())
+                for key, value in QUIET_ENV.items():
+                    child_env.setdefault(key, value)
                 if malloc_tuning:
                     for key in MALLOC_ENV:
                         child_env.setdefault(key, str(1 << 30))
@@ -96,10 +103,61 @@ def launch(
             message = own or why
             return LaunchResult(1, message, [p.returncode for p in procs], time.monotonic() - start)
         except BaseException:
+            _ignore_signals()  # a second Ctrl-C or SIGTERM must not cut the cleanup short
             _terminate(procs, kill_after)
             raise
         finally:
             del store
+
+
+class LauncherStopped(KeyboardInterrupt):
+    """The launcher got SIGTERM, SIGHUP or SIGINT (its args[0] names the signal): its children
+    are terminated, its temporary folder removed, and the command ends with one line."""
+
+
+@contextlib.contextmanager
+def _signals_stop_children():
+    """While the launcher waits, SIGTERM, SIGHUP and SIGINT raise LauncherStopped in it, so that
+    `launch`'s cleanup (terminate the children, remove the temp folder) runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise LauncherStopped(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _ignore_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+
+
+def die_with_parent(ignore_sigint: bool = False) -> None:
+    """In a child: ask Linux to send SIGKILL when the parent dies, even by SIGKILL
+    (prctl PR_SET_PDEATHSIG), and leave at once if it is already gone. With `ignore_sigint`,
+    Ctrl-C in the terminal is left to the parent (which stops this child). No-op elsewhere."""
+    if ignore_sigint:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    expected = os.environ.get(LAUNCHER_PID_ENV)
+    parent = os.getppid()
+    if (expected and str(parent) != expected) or parent == 1:
+        os._exit(1)  # the parent died before prctl took effect
 
 
 def _watch(procs: list[subprocess.Popen], deadline: float | None) -> tuple[int, str] | None:
@@ -168,22 +226,3 @@ def report_failure(message: str) -> bool:
     except OSError:
         return False
     return True
-
-
-def worker_main() -> int:
-    """Child side of `layerpipe train --nproc K`."""
-    import argparse
-    import logging
-
-    args = argparse.Namespace(**json.loads(os.environ[WORKER_ARGS_ENV]))
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    from layerpipe.cli.train import run
-
-    return int(run(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())

@@ -15,7 +15,7 @@ from layerpipe.errors import LayerpipeError
 
 # name -> module under layerpipe.cli; a module that is missing is skipped (lazy import keeps
 # `layerpipe plan` fast: it never imports torch.distributed)
-SUBCOMMANDS = ("plan", "train", "compare", "env")
+SUBCOMMANDS = ("plan", "train", "compare", "env", "simulate")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -65,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("layerpipe: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP turned into one (args: the signal's name)
+        import signal
+
+        name = str(exc.args[0]) if exc.args and str(exc.args[0]).startswith("SIG") else "SIGINT"
+        print(f"layerpipe {args.command}: interrupted ({name}); nothing finished was lost", file=sys.stderr)
+        return 128 + getattr(signal, name, signal.SIGINT).value
 
 
 if __name__ == "__main__":

@@ -176,6 +176,10 @@ def render_verify(report: RetimingReport) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.png:
+        from layerpipe.errors import require
+
+        require("matplotlib", "plots", "plan --png")
     if args.png and not Path(args.png).resolve().parent.is_dir():
         # fail before planning (and before importing matplotlib), not after
         raise LayerpipeError(f"cannot write {args.png}: no such directory")

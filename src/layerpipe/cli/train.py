@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 from pathlib import Path
 
-from layerpipe.cli.common import add_training_arguments, config_from_args, strategies_help
+from layerpipe.cli.common import add_training_arguments, config_from_args, signals_as_interrupt, strategies_help
+from layerpipe.cli.launch import WORKER_ARGS_ENV
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save", default=None, metavar="FILE", help="write the trained model's state_dict here (atomically)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="write RUN_DIR/checkpoint.pt every N epochs (atomically)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN_DIR from its last checkpoint (to --epochs; a checkpoint already "
+                        "at --epochs is evaluated and reported, one past it is refused)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in RUN_DIR (and an existing --save file); without it they are refused")
     p.add_argument("--json", action="store_true", help="end with one JSON line of results")
     p.add_argument("--nproc", type=int, default=None, metavar="K",
                    help="run K local processes, one stage each (gloo on 127.0.0.1); --stages defaults to K. "
@@ -62,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not args.run_dir:
         raise LayerpipeError("--resume needs --run-dir (the folder of the run to continue)")
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config.model, config.weights)
+    rank0 = world is None or world.rank == 0
+    if rank0 and not os.environ.get(WORKER_ARGS_ENV):  # a launched child: the launcher checked
+        check_outputs(args, run_dir)
     if distributed and world is None and nproc > 1:
         return _launch(args, config, run_dir)
-    rank0 = world is None or world.rank == 0
     if not args.json and rank0:
         print(f"training {config.model} in stages {config.stages} with weights={config.weights} "
               f"(schedule {config.schedule}, {config.epochs} epochs"
@@ -72,9 +80,12 @@ def run(args: argparse.Namespace) -> int:
     options = None
     if distributed:
         options = {"timeout": args.timeout, "backend": args.backend, "forced_exit": _leave_now}
+    on_epoch = None if args.json or not rank0 else print_epoch
     try:
-        result = train(config, run_dir=run_dir, progress=not args.no_progress and rank0, save=args.save,
-                       checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=options)
+        with signals_as_interrupt(enabled=not distributed):  # children: SIGTERM's default, at once
+            result = train(config, run_dir=run_dir, progress=not args.no_progress and rank0, save=args.save,
+                           checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=options,
+                           on_epoch=on_epoch)
     except BaseException as exc:
         if not distributed:
             raise
@@ -85,18 +96,38 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         mib = 1 / 2**20
         print(f"stages {result.stages}, delays {result.delays}")
-        for r in result.history:
-            print(f"  epoch {r['epoch']:3d}  train loss {r['train_loss']:.4f}  test loss {r['test_loss']:.4f}  "
-                  f"test accuracy {100 * r['test_accuracy']:.2f}%  ({r['seconds']:.1f} s)")
         print(f"test accuracy {100 * result.test_accuracy:.2f}%  in {result.seconds:.1f} s")
         print(f"weight history held: {result.weight_history_bytes * mib:.3f} MiB "
               f"({result.weight_history_bytes / result.parameter_bytes:.2f} x |W|); "
               f"stash would hold {result.stash_bytes * mib:.3f} MiB ({result.stash_bytes / result.parameter_bytes:.2f} x |W|); "
               f"|W| = {result.parameter_bytes * mib:.3f} MiB")
-        print(f"metrics: {run_dir / 'metrics.jsonl'}, curve: {run_dir / 'learning_curve.png'}")
+        curve = run_dir / "learning_curve.png"
+        print(f"metrics: {run_dir / 'metrics.jsonl'}" + (f", curve: {curve}" if curve.exists() else ""))
     else:
         print(json.dumps(summary))
     return 0
+
+
+def print_epoch(r: dict) -> None:
+    """One line per epoch, printed as the epoch ends (also when stdout is a pipe)."""
+    print(f"  epoch {r['epoch']:3d}  train loss {r['train_loss']:.4f}  test loss {r['test_loss']:.4f}  "
+          f"test accuracy {100 * r['test_accuracy']:.2f}%  ({r['seconds']:.1f} s)", flush=True)
+
+
+def check_outputs(args: argparse.Namespace, run_dir: Path) -> None:
+    """Every value and output place that would only fail later, refused now in one line."""
+    import math
+
+    from layerpipe.errors import LayerpipeError
+    from layerpipe.report.outputs import check_output_file, check_run_dir
+
+    if not (isinstance(args.timeout, (int, float)) and math.isfinite(args.timeout) and args.timeout > 0):
+        raise LayerpipeError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.checkpoint_every < 0:
+        raise LayerpipeError(f"--checkpoint-every must be 0 (never) or a positive number of epochs, got {args.checkpoint_every}")
+    if args.save:
+        check_output_file(args.save, "--save", overwrite=args.overwrite or args.resume)
+    check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
 
 
 # -- distributed runs ---------------------------------------------------------------------------------
@@ -123,8 +154,9 @@ def _launch(args: argparse.Namespace, config, run_dir: Path) -> int:
     check_stage_count(parse_stages(config.stages), args.nproc)
     worker_args = {k: v for k, v in vars(args).items() if k != "run"}
     worker_args["run_dir"] = str(run_dir)  # one folder for all, chosen here
+    worker_args["overwrite"] = False  # done here already
     env = dict(os.environ, **{WORKER_ARGS_ENV: json.dumps(worker_args)})
-    result = launch([sys.executable, "-m", "layerpipe.cli.launch"], args.nproc, env=env)
+    result = launch([sys.executable, "-m", "layerpipe.cli.train"], args.nproc, env=env)
     if result.returncode:
         raise LayerpipeError(result.message)
     return 0
@@ -163,3 +195,25 @@ def _leave_now(message: str | None, code: int = 2) -> None:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
+
+
+def worker_main() -> int:
+    """Child side of `layerpipe train --nproc K`: run with the arguments the parent parsed."""
+    import logging
+    import os
+
+    from layerpipe.cli.launch import WORKER_ARGS_ENV, die_with_parent
+
+    die_with_parent()  # the launcher killed outright (SIGKILL): this process goes too
+    args = argparse.Namespace(**json.loads(os.environ[WORKER_ARGS_ENV]))
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    return int(run(args) or 0)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(worker_main())

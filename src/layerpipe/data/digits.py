@@ -11,14 +11,15 @@ import numpy as np
 import torch
 
 from layerpipe.data.dataset import Dataset
-from layerpipe.errors import DataError
+from layerpipe.errors import DataError, MissingExtra
 
 
 def load_digits(*, samples: int | None = None, seed: int = 0) -> Dataset:
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as exc:
-        raise DataError(f"the digits dataset needs scikit-learn ({exc}); install it with pip install scikit-learn") from None
+        raise MissingExtra("the digits dataset needs scikit-learn, which is not installed: "
+                           "pip install 'layerpipe[data]'") from None
     bunch = sk_load_digits()
     x = np.asarray(bunch.data, dtype=np.float32)
     y = np.asarray(bunch.target, dtype=np.int64)

@@ -16,7 +16,7 @@ import torch
 
 from layerpipe.data._cache import cache_root, read_npz, write_npz_atomic
 from layerpipe.data.dataset import Dataset
-from layerpipe.errors import DataError
+from layerpipe.errors import DataError, MissingExtra
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ def _generate(samples: int, seed: int) -> dict[str, np.ndarray]:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as exc:
-        raise DataError(f"MNIST-1D needs the mnist1d package ({exc}); install it with pip install mnist1d") from None
+        raise MissingExtra("the mnist1d dataset needs the mnist1d package, which is not installed: "
+                           "pip install 'layerpipe[data]'") from None
     args = get_dataset_args()
     args.num_samples = samples
     args.seed = seed

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from layerpipe.engine.checks import check_arguments, check_first_batch, checked_optimizer
 from layerpipe.engine.stage import LossFn, OptimizerFactory, SchedulerFactory, Stage, build_stages, sequential_modules
 from layerpipe.errors import LayerpipeError, PlanError
 from layerpipe.plan import PipelineSpec, sequential_spec, split_spec
@@ -119,6 +120,9 @@ class Pipeline:
         lr_scheduler: factory called once per stage with that stage's optimizer, e.g.
             `lambda opt: torch.optim.lr_scheduler.StepLR(opt, 100)`; each scheduler is stepped
             after every update of its stage (one per tick in steady state).
+        compensation: delay compensation, a list of specs of `layerpipe.compensate` (e.g.
+            ["nesterov", "predict:c=0.5"]): techniques that build or wrap each stage's
+            optimizer knowing its delay; anything they keep counts in the history bytes.
     """
 
     def __init__(
@@ -137,7 +141,14 @@ class Pipeline:
         mixed_precision: str | None = None,
         clip_grad_norm: float | None = None,
         lr_scheduler: SchedulerFactory | None = None,
+        compensation: Sequence[Any] | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise PlanError(f"the model must be an nn.Sequential of layers or another nn.Module with split_points, "
+                            f"got {type(model).__name__}")
+        sequential = isinstance(model, nn.Sequential) and split_points is None
+        if sequential:  # split models are checked by the splitter
+            check_arguments(model, stages, weights, optimizer, loss_fn, schedule, delays, weight_options)  # once
         strategy, schedule = resolve_strategy(weights, schedule)
         if mixed_precision not in AUTOCAST_DTYPES:
             raise LayerpipeError(f"mixed_precision must be one of {', '.join(map(str, AUTOCAST_DTYPES))}, "
@@ -152,9 +163,9 @@ class Pipeline:
         dtype = AUTOCAST_DTYPES[mixed_precision]
         self._stage_options: dict[str, Any] = {
             "autocast": (device, dtype) if dtype is not None else None,
-            "clip_grad_norm": clip_grad_norm, "lr_scheduler": lr_scheduler,
+            "clip_grad_norm": clip_grad_norm, "lr_scheduler": lr_scheduler, "compensation": compensation,
         }
-        self._build_args = (strategy, optimizer or default_optimizer, loss_fn, weight_options)
+        self._build_args = (strategy, checked_optimizer(optimizer or default_optimizer), loss_fn, weight_options)
         self.stages: list[Stage] = []
         self.tick = 0
         self._next_mb = 0
@@ -164,7 +175,7 @@ class Pipeline:
         self._entered = 0
         self._done = 0
         self._targets: dict[int, Any] = {}
-        if isinstance(model, nn.Sequential) and split_points is None:
+        if sequential:
             self.spec = sequential_spec(model, stages, schedule, delays)
             self._build(sequential_modules(model, self.spec))
             return
@@ -237,6 +248,8 @@ class Pipeline:
                 self.split.stages[0]._flatten(args, kwargs)
             except TypeError as exc:
                 raise LayerpipeError(f"the inputs do not fit the model's call: {exc}") from None
+        elif self._next_mb == 0:  # the first microbatch only: shapes, dtypes, the loss
+            check_first_batch(self.model, self.loss_fn, x, y)
         if not self.in_flight():  # a new segment starts with this microbatch
             self._segment_tick, self._segment_mb, self._entered, self._done = self.tick, self._next_mb, 0, 0
         mb = self._next_mb
@@ -259,7 +272,7 @@ class Pipeline:
 
     def weight_history_bytes(self) -> int:
         """Bytes the weight strategies hold right now for past weights."""
-        return sum(s.strategy.history_bytes() for s in self.stages)
+        return sum(s.history_bytes() for s in self.stages)
 
     def parameter_bytes(self) -> int:
         return sum(s.parameter_bytes() for s in self.stages)

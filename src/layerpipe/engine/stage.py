@@ -39,12 +39,16 @@ parameter gets one update per microbatch from the sum of all its users' gradient
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
+
+import functools
 
 import torch
 from torch import Tensor, nn
 
+from layerpipe.compensate import attach_stage, build_optimizer, history_bytes
 from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
 from layerpipe.plan import PipelineSpec
 from layerpipe.weights import WeightStrategy, make_strategy
@@ -162,6 +166,9 @@ class Stage:
         self._tied: TiedGrads | None = None
         self._index_params()
         self._backward_weights: list[Tensor] | None = None
+        # set by a compensation (layerpipe.compensate.predict): the forward runs on predicted
+        # weights inside this context; saved parameters still resolve to backward_weights
+        self.forward_context: Callable[[], AbstractContextManager[Any]] | None = None
 
     def _index_params(self) -> None:
         self._storage_index = {p.untyped_storage().data_ptr(): i for i, p in enumerate(self.params)}
@@ -240,7 +247,8 @@ class Stage:
                                  f"keyword inputs, got {type(x).__name__}")
         version = self.strategy.record_forward()
         foreign = tuple(s.record_forward() for s, _ in self._foreign) if self._foreign else ()
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+        predicted = self.forward_context() if self.forward_context is not None else nullcontext()
+        with predicted, torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             if self._autocast is None:
                 out = self._run(args, kwargs, target)
             else:
@@ -342,6 +350,10 @@ class Stage:
             p.grad = None
 
     # -- reporting and checkpoints ----------------------------------------------------------
+    def history_bytes(self) -> int:
+        """Bytes held for past weights: the strategy's and any delay compensation's."""
+        return self.strategy.history_bytes() + history_bytes(self.optimizer)
+
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.owned)
 
@@ -378,11 +390,14 @@ def build_stages(
     autocast: tuple[str, torch.dtype] | None = None,
     clip_grad_norm: float | None = None,
     lr_scheduler: SchedulerFactory | None = None,
+    compensation: Sequence[Any] | None = None,
 ) -> list[Stage]:
     """One `Stage` per module (or only stage `only`), each with its optimizer and strategy.
 
     A parameter read by several modules is owned by the first (see the module docstring);
-    that needs every stage in one process (`only` is then an error)."""
+    that needs every stage in one process (`only` is then an error). `compensation`:
+    delay-compensation specs (`layerpipe.compensate`, e.g. ["predict"]) that build or wrap
+    each stage's optimizer knowing the stage's delay."""
     options = dict(weight_options or {})
     last = spec.num_stages - 1
     users: dict[int, list[int]] = {}
@@ -396,13 +411,21 @@ def build_stages(
     if tied and only is not None:
         raise PlanError("parameters shared by several stages (tied weights) need the single-process engine; "
                         "the one-process-per-stage runtime does not support them yet")
-    stages = [
-        Stage(k, modules[k], spec.delays[k], lambda ps, d, opt: make_strategy(weights, ps, d, opt, **options),
-              optimizer, is_last=k == last, loss_fn=loss_fn,
-              owned=[p for p in modules[k].parameters() if p.requires_grad and users[id(p)][0] == k] if tied else None,
-              autocast=autocast, clip_grad_norm=clip_grad_norm, lr_scheduler=lr_scheduler)
-        for k in range(spec.num_stages) if only is None or k == only
-    ]
+    stages = []
+    for k in range(spec.num_stages):
+        if only is not None and k != only:
+            continue
+        factory = optimizer
+        if compensation:
+            factory = functools.partial(build_optimizer, delay=spec.delays[k], specs=list(compensation), base=optimizer)
+        owned = [p for p in modules[k].parameters() if p.requires_grad and users[id(p)][0] == k] if tied else None
+        stages.append(Stage(k, modules[k], spec.delays[k], lambda ps, d, opt: make_strategy(weights, ps, d, opt, **options),
+                            factory, is_last=k == last, loss_fn=loss_fn, owned=owned, autocast=autocast,
+                            clip_grad_norm=clip_grad_norm, lr_scheduler=lr_scheduler))
+    if compensation:
+        for stage in stages:
+            if stage.optimizer is not None:
+                attach_stage(stage)
     if tied:
         grads = TiedGrads()
         owners = {i: stages[ks[0]] for i, ks in tied.items()}

@@ -107,12 +107,54 @@ def build_model(
     else:
         kwargs.update(num_classes=classes, input_shape=shape)
     builder = _builder(name)
-    accepted = inspect.signature(builder).parameters
-    unknown = sorted(set(kwargs) - set(accepted))
+    check_model_options(name, kwargs)
+    try:
+        return builder(**kwargs)
+    except PlanError:
+        raise
+    except (ValueError, TypeError, RuntimeError, AssertionError, ZeroDivisionError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PlanError(f"model {name!r} cannot be built with these options: {text}") from None
+
+
+def check_model_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse options the builder of `name` does not take, and values whose type differs
+    from the option's default (`norm=maybe` for a bool, `hidden=abc` for a tuple of ints),
+    in one line naming the option."""
+    _spec(name)
+    accepted = inspect.signature(_builder(name)).parameters
+    unknown = sorted(set(options) - set(accepted))
     if unknown:
-        options = ", ".join(k for k in accepted if k not in ("num_classes", "input_shape"))
-        raise PlanError(f"model {name!r} has no option {', '.join(unknown)}; its options: {options}")
-    return builder(**kwargs)
+        listed = ", ".join(k for k in accepted if k not in ("num_classes", "input_shape"))
+        raise PlanError(f"model {name!r} has no option {', '.join(unknown)}; its options: {listed}")
+    for key, value in options.items():
+        default = accepted[key].default
+        if key in ("num_classes", "input_shape") or default is inspect.Parameter.empty:
+            continue
+        problem = _option_problem(default, value)
+        if problem:
+            raise PlanError(f"model option {key}={value!r} of {name!r}: {problem} (default {default!r})")
+
+
+def _option_problem(default: Any, value: Any) -> str | None:
+    import math
+
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "must be an integer"
+        return None if value >= 1 else "must be at least 1"
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return "must be a finite number"
+        return None if value >= 0 else "must not be negative"
+    if isinstance(default, (tuple, list)):
+        if not isinstance(value, (tuple, list)) or not value:
+            return "must be a non-empty tuple of integers, e.g. " + repr(tuple(default))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+            return "every entry must be a positive integer"
+    return None
 
 
 def example_input(name: str, batch_size: int = 32) -> torch.Tensor:
@@ -131,4 +173,4 @@ def default_dataset(name: str) -> str:
     return _spec(name).dataset
 
 
-__all__ = ["MODEL_NAMES", "build_model", "default_dataset", "example_input"]
+__all__ = ["MODEL_NAMES", "build_model", "check_model_options", "default_dataset", "example_input"]

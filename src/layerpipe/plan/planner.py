@@ -24,7 +24,7 @@ from typing import Any
 from layerpipe.errors import PlanError
 from layerpipe.plan.costs import BALANCE_MODES, measure_layer_times, param_costs
 from layerpipe.plan.delays import SCHEDULES, downstream_stages, stage_delays
-from layerpipe.plan.layers import LayerSource, describe_layers, load_model
+from layerpipe.plan.layers import LayerInfo, LayerSource, describe_layers, load_model
 from layerpipe.plan.partition import resolve_partition, stage_costs
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,36 @@ def make_plan(
     model_name = source if isinstance(source, str) else None
     model = load_model(source) if isinstance(source, str) else source
     layers = describe_layers(model)
+    costs, mode, cost_unit = _layer_costs(model, model_name, layers, stages, costs, balance, example_input)
+    if len(costs) != len(layers):
+        raise PlanError(f"{len(costs)} layer costs given for {len(layers)} layers")
+    sizes = resolve_partition(len(layers), stages, costs)
+    num_stages = len(sizes)
+    rule = stage_delays(num_stages, schedule)
+    if delays is None:
+        per_stage = rule
+    else:
+        per_stage = [int(d) for d in delays]
+        if len(per_stage) != num_stages:
+            raise PlanError(f"{len(per_stage)} delays given but the plan has {num_stages} stages")
+        if any(d < 0 for d in per_stage):
+            raise PlanError(f"delays must be >= 0, got {','.join(map(str, per_stage))}")
+    layer_plans, stage_plans = _layer_and_stage_plans(layers, sizes, per_stage, rule, costs, memory)
+    log.debug("plan: %d layers in stages %s, delays %s (%s)", len(layers), sizes, per_stage, schedule)
+    return Plan(
+        model=model_name,
+        schedule=schedule,
+        balance=mode,
+        cost_unit=cost_unit,
+        layers=layer_plans,
+        stages=stage_plans,
+        delays_given=delays is not None,
+    )
+
+
+def _layer_costs(model: Any, model_name: str | None, layers: Sequence[LayerInfo], stages: Any,
+                 costs: Sequence[float] | None, balance: str, example_input: Any) -> tuple[list[float], str, str]:
+    """(per-layer costs, balance mode, cost unit) as `make_plan` documents them."""
     balancing = isinstance(stages, int) and not isinstance(stages, bool)
     if costs is not None:
         mode, cost_unit = "costs", "cost"
@@ -205,19 +235,13 @@ def make_plan(
         mode = "params" if balancing else ("given" if stages is not None else "one-per-stage")
         cost_unit = "params" if any(l.params for l in layers) else "layers"
         costs = param_costs(layers)
-    if len(costs) != len(layers):
-        raise PlanError(f"{len(costs)} layer costs given for {len(layers)} layers")
-    sizes = resolve_partition(len(layers), stages, costs)
+    return list(costs), mode, cost_unit
+
+
+def _layer_and_stage_plans(layers: Sequence[LayerInfo], sizes: Sequence[int], per_stage: Sequence[int],
+                           rule: Sequence[int], costs: Sequence[float],
+                           memory: MemoryFormulas) -> tuple[list[LayerPlan], list[StagePlan]]:
     num_stages = len(sizes)
-    rule = stage_delays(num_stages, schedule)
-    if delays is None:
-        per_stage = rule
-    else:
-        per_stage = [int(d) for d in delays]
-        if len(per_stage) != num_stages:
-            raise PlanError(f"{len(per_stage)} delays given but the plan has {num_stages} stages")
-        if any(d < 0 for d in per_stage):
-            raise PlanError(f"delays must be >= 0, got {','.join(map(str, per_stage))}")
     s_of = downstream_stages(num_stages)
     per_stage_cost = stage_costs(costs, sizes)
 
@@ -258,13 +282,4 @@ def make_plan(
                 bytes=history_bytes(pbytes, d, memory),
             )
         )
-    log.debug("plan: %d layers in stages %s, delays %s (%s)", len(layers), sizes, per_stage, schedule)
-    return Plan(
-        model=model_name,
-        schedule=schedule,
-        balance=mode,
-        cost_unit=cost_unit,
-        layers=layer_plans,
-        stages=stage_plans,
-        delays_given=delays is not None,
-    )
+    return layer_plans, stage_plans

@@ -6,9 +6,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-def _pyplot():
-    import matplotlib
+from layerpipe.errors import MissingExtra, require
 
+__all__ = ["MissingExtra", "learning_curves", "run_curves"]
+
+
+def _pyplot():
+    matplotlib = require("matplotlib", "plots", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -40,6 +44,33 @@ def learning_curves(
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike, title: str = "") -> Path:
+    """One run's curves from its epoch records: training and validation loss (left), and
+    validation accuracy (right), per epoch."""
+    plt = _pyplot()
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(8.4, 3.4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", ms=3, label="training")
+    ax_loss.plot(epochs, [r["test_loss"] for r in history], marker="o", ms=3, label="validation")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(fontsize=8)
+    ax_acc.plot(epochs, [100 * r["test_accuracy"] for r in history], marker="o", ms=3, color="C1", label="validation")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.legend(fontsize=8)
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,9 @@ def load_checkpoint(run_dir: Path, rank: int, world_size: int, config: TrainConf
     if file_sha256(path) != hashes[rank]:
         raise LayerpipeError(f"checkpoint file {path} is corrupt or foreign (its SHA-256 does not match {MARKER})")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a crafted file's pickle protocol warning: not the user's concern
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # not a checkpoint, or one that would need code to load
         raise LayerpipeError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or int(state.get("rank", -1)) != rank:

@@ -32,7 +32,7 @@ _FALLBACK_RECIPE = dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3, thr
 
 #: the settings a checkpoint must agree on to be resumed (they change what the state means)
 RESUME_KEYS = ("model", "model_options", "dataset", "samples", "data_seed", "stages", "weights", "schedule",
-               "seed", "batch_size", "optimizer")
+               "seed", "batch_size", "optimizer", "compensation", "weight_options")
 
 
 def weight_choices() -> list[str]:
@@ -78,12 +78,19 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     #: keyword options of the weight strategy, e.g. {"alpha": 0.3} for ema
     weight_options: dict[str, Any] = field(default_factory=dict)
+    #: delay compensation (`layerpipe.compensate` specs, e.g. ["nesterov", "predict:c=0.5"]);
+    #: None: the model's recipe; [] none
+    compensation: list[str] | None = None
 
     def __post_init__(self) -> None:
-        recipe = RECIPES.get(self.model, _FALLBACK_RECIPE)
+        recipe = {"compensation": [], **RECIPES.get(self.model, _FALLBACK_RECIPE)}
         for key, value in recipe.items():
             if getattr(self, key) is None:
-                setattr(self, key, value)
+                setattr(self, key, list(value) if isinstance(value, list) else value)
+        from layerpipe.compensate import parse_spec
+
+        for spec in self.compensation:
+            parse_spec(spec)  # one line for an unknown technique or a malformed option
         _choice("weight strategy", self.weights, weight_choices())
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -95,6 +102,9 @@ class TrainConfig:
         if not self.lr or not self.lr > 0 or self.lr == float("inf"):
             raise LayerpipeError(f"--lr must be a positive number, got {self.lr}")
         parse_stages(self.stages)
+        from layerpipe.training.validate import check_config
+
+        check_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

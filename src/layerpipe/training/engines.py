@@ -62,7 +62,7 @@ class LocalEngine:
         self.model, self.loss_fn = model, loss_fn
         self.pipe = Pipeline(model, stages=parse_stages(config.stages), weights=config.weights,
                              optimizer=make_optimizer_factory(config), loss_fn=loss_fn, schedule=config.schedule,
-                             weight_options=config.weight_options)
+                             weight_options=config.weight_options, compensation=config.compensation)
         self.stage_sizes, self.delays = self.pipe.stage_sizes, self.pipe.delays
         self.stage_parameter_bytes = [s.parameter_bytes() for s in self.pipe.stages]
 
@@ -168,7 +168,7 @@ class DistributedEngine:
             spec = sequential_spec(model, parse_stages(config.stages), schedule)
             worker = StageWorker(comm, model, spec, weights=strategy, optimizer=make_optimizer_factory(config),
                                  loss_fn=loss_fn, sample=data.x_train[:2], device=device,
-                                 weight_options=config.weight_options)
+                                 weight_options=config.weight_options, compensation=config.compensation)
         except BaseException as exc:
             raise cls(comm, None).fail(exc) from None  # type: ignore[arg-type]
         return cls(comm, worker)
@@ -186,7 +186,7 @@ class DistributedEngine:
         return self.worker.evaluate(x, y)
 
     def history_bytes(self) -> int:
-        return self.worker.stage.strategy.history_bytes()
+        return self.worker.stage.history_bytes()
 
     def epoch_stats(self, losses: list[Tensor], test: tuple[float, float] | None) -> EpochStats | None:
         return self.worker.epoch_stats(losses, test)

@@ -27,6 +27,7 @@ import torch
 from layerpipe.engine.distributed import World
 from layerpipe.errors import LayerpipeError
 from layerpipe.plan import stage_delays
+from layerpipe.report.outputs import clean_stale_temp, write_status
 from layerpipe.report.records import MetricsLog, atomic_torch_save
 from layerpipe.training.build import build, epoch_order
 from layerpipe.training.checkpoint import load_checkpoint, save_checkpoint
@@ -112,13 +113,31 @@ def train(
         engine.close()
     except BaseException as exc:
         failure = engine.fail(exc)
+        _mark_failed(engine, run_dir, failure)
         if failure is exc:
             raise
         raise failure from (None if failure.__class__ is exc.__class__ else exc)
     result.seconds = time.perf_counter() - start
     if result.run_dir and engine.rank == 0:
         plot_learning_curve(config, result.history, Path(result.run_dir))
+        write_status(result.run_dir, "complete")
     return result
+
+
+def _mark_failed(engine: Engine, run_dir, exc: BaseException) -> None:
+    """run_dir/status.json says how the run ended (the main process's view)."""
+    import os
+
+    from layerpipe.report.outputs import read_status
+
+    if not run_dir or engine.rank != 0:
+        return
+    status = read_status(run_dir)
+    if not status or status.get("status") != "running" or status.get("pid") != os.getpid():
+        return  # refused before it started (a bad checkpoint, say): the folder's run is untouched
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    reason = (str(exc) if isinstance(exc, LayerpipeError) else f"{type(exc).__name__}: {exc}").splitlines()
+    write_status(run_dir, "interrupted" if interrupted else "failed", reason[0] if reason else type(exc).__name__)
 
 
 def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, save, checkpoint_every: int,
@@ -132,22 +151,12 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
                          parameter_bytes=sum(engine.stage_parameter_bytes))
     shared = engine.share("run_dir", str(run_dir) if run_dir else "")  # rank 0's folder everywhere
     run_path = Path(shared) if shared else None
-    first_epoch = 0
-    if resume:
-        if run_path is None:
-            raise LayerpipeError("--resume needs a run folder")
-        state = load_checkpoint(run_path, engine.rank, engine.world_size, config)
-        engine.load_state_dict(state["engine"])
-        first_epoch, result.history = int(state["epoch"]), list(state["history"])
-        torch.set_rng_state(state["rng"])  # dropout masks continue as they would have
-    # every process must agree on the plan; the main process needs the starting history bytes
-    plans = engine.gather((engine.stage_sizes, engine.delays, first_epoch, engine.history_bytes()))
-    peak_history = 0
-    if main:
-        assert plans is not None
-        if len({repr(p[:3]) for p in plans}) != 1:
-            raise LayerpipeError(f"the processes disagree on the plan or the checkpoint: {plans}")
-        peak_history = sum(int(p[3]) for p in plans)
+    if run_path and main and run_path.is_dir():
+        clean_stale_temp(run_path)  # left by a write a kill cut short; before anything here writes
+    first_epoch = _resume(engine, config, run_path, result) if resume else 0
+    peak_history = _agree(engine, first_epoch)
+    if run_path and main:  # from here on the folder holds this run, incomplete until it ends
+        write_status(run_path, "running")
     metrics = MetricsLog(run_path / "metrics.jsonl", config.to_dict()) if run_path and main else None
     for record in result.history if metrics else []:
         metrics.write(record)
@@ -191,6 +200,34 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
     return result
 
 
+def _resume(engine: Engine, config: TrainConfig, run_path: Path | None, result: TrainResult) -> int:
+    """Load the committed checkpoint into the engine; the epoch to continue from."""
+    if run_path is None:
+        raise LayerpipeError("--resume needs a run folder")
+    state = load_checkpoint(run_path, engine.rank, engine.world_size, config)
+    if int(state["epoch"]) > config.epochs:
+        raise LayerpipeError(f"the checkpoint in {run_path} is at epoch {state['epoch']}, past --epochs {config.epochs}: "
+                             f"nothing to train (resume with --epochs {state['epoch']} to report it, or more to continue)")
+    if int(state["epoch"]) == config.epochs and engine.rank == 0:
+        log.warning("the checkpoint in %s is at epoch %d of %d: nothing to train; reporting its result",
+                    run_path, config.epochs, config.epochs)
+    engine.load_state_dict(state["engine"])
+    result.history = list(state["history"])
+    torch.set_rng_state(state["rng"])  # dropout masks continue as they would have
+    return int(state["epoch"])
+
+
+def _agree(engine: Engine, first_epoch: int) -> int:
+    """Every process must agree on the plan and the epoch; returns (on the main process) the
+    weight-history bytes held at the start."""
+    plans = engine.gather((engine.stage_sizes, engine.delays, first_epoch, engine.history_bytes()))
+    if plans is None:
+        return 0
+    if len({repr(p[:3]) for p in plans}) != 1:
+        raise LayerpipeError(f"the processes disagree on the plan or the checkpoint: {plans}")
+    return sum(int(p[3]) for p in plans)
+
+
 def record_epoch(result: TrainResult, metrics: MetricsLog | None, epoch: int, train_loss: float, test_loss: float,
                  test_accuracy: float, seconds: float, weight_history_bytes: int) -> dict[str, Any]:
     """The per-epoch record (one JSON line), appended to the result and the metrics log."""
@@ -210,11 +247,16 @@ def record_epoch(result: TrainResult, metrics: MetricsLog | None, epoch: int, tr
 
 
 def plot_learning_curve(config: TrainConfig, history: list[dict[str, Any]], run_path: Path) -> None:
-    """run_path/learning_curve.png: test accuracy per epoch."""
-    from layerpipe.report.plots import learning_curves
+    """run_path/learning_curve.png: training and validation loss, and validation accuracy,
+    per epoch. Without matplotlib (`layerpipe[plots]`): one warning line, no plot."""
+    from layerpipe.report.plots import MissingExtra, run_curves
 
-    curve = [[r["test_accuracy"] for r in history]]
-    learning_curves({f"{config.model} / {config.weights}": {config.weights: curve}}, run_path / "learning_curve.png")
+    try:
+        run_curves(history, run_path / "learning_curve.png", title=f"{config.model} / {config.weights}")
+    except MissingExtra as exc:
+        log.warning("%s", exc)
+    except OSError as exc:
+        log.warning("learning curve not written: %s", exc)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

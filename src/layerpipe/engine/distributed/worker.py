@@ -120,6 +120,7 @@ class StageWorker:
         sample: Tensor,
         device: str | torch.device | None = None,
         weight_options: Mapping[str, Any] | None = None,
+        compensation: Sequence[Any] | None = None,
     ) -> None:
         self.comm = comm
         self.rank, self.num_stages = comm.rank, comm.world_size
@@ -139,7 +140,8 @@ class StageWorker:
         k = self.rank
         self.module = modules[k].to(device if device is not None else comm.device)  # shares the layers
         self.is_first, self.is_last = k == 0, k == self.num_stages - 1
-        (self.stage,) = build_stages(modules, spec, weights, optimizer, loss_fn, weight_options, only=k)
+        (self.stage,) = build_stages(modules, spec, weights, optimizer, loss_fn, weight_options, only=k,
+                                     compensation=compensation)
         self.loss_fn = loss_fn
         self.tick = 0
         self.next_mb = 0
@@ -265,7 +267,7 @@ class StageWorker:
     def epoch_stats(self, losses: list[Tensor], test: tuple[float, float] | None) -> EpochStats | None:
         """Send this stage's numbers to rank 0; rank 0 returns the whole pipeline's."""
         comm, k, last = self.comm, self.rank, self.num_stages - 1
-        mine = [float(self.stage.strategy.history_bytes()), float("nan"), float("nan"), float("nan")]
+        mine = [float(self.stage.history_bytes()), float("nan"), float("nan"), float("nan")]
         if k == last:
             mine[1] = float(torch.stack(losses).mean()) if losses else float("nan")
             mine[2], mine[3] = test

@@ -1,0 +1,150 @@
+"""(f) `muon`: torch.optim.Muon for the matrices, AdamW for the rest, as one optimizer.
+
+Muon orthogonalises a Nesterov-momentum update of every 2-D weight (Newton-Schulz), so each
+step has a fixed spectral size whatever the gradient's scale; Zmushko et al. (2026) found it,
+with high momentum, far more robust to delayed gradients than AdamW. 1-D tensors (biases,
+LayerNorm) go to AdamW. `adjust_lr_fn="match_rms_adamw"` lets both share one lr. With
+`per_delay=True` Muon's momentum follows the delay rule of `nesterov`
+(`delay_beta1(momentum, d_k, momentum_max)`).
+
+torch's Muon runs its Newton-Schulz iteration in bfloat16, which is fast on accelerators but
+about 170 times slower than AdamW's whole step on CPUs without bfloat16 matrix units (measured:
+4.5 s per step for the zoo GPT on this 2-core VM). `ns_dtype="auto"` keeps torch's step
+on accelerators and runs the same iteration in float32 on CPU (`muon_float32_step`).
+"""
+from __future__ import annotations
+
+import math
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layerpipe.compensate.nesterov import delay_beta1
+from layerpipe.compensate.registry import register
+from layerpipe.errors import LayerpipeError
+
+
+def newton_schulz(g: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> Tensor:
+    """torch.optim.Muon's orthogonalisation, in the dtype of `g`."""
+    a, b, c = coefficients
+    x = g.T if g.size(0) > g.size(1) else g
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if g.size(0) > g.size(1) else x
+
+
+@torch.no_grad()
+def muon_float32_step(opt: torch.optim.Optimizer) -> None:
+    """One step of torch.optim.Muon `opt` (same state, same update) with a float32 iteration."""
+    for group in opt.param_groups:
+        lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = opt.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - mom)
+            update = p.grad.lerp(buf, mom) if group["nesterov"] else buf
+            update = newton_schulz(update.float(), group["ns_coefficients"], group["ns_steps"], group["eps"])
+            p.mul_(1 - lr * wd)
+            p.add_(update.to(p.dtype), alpha=-_adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+
+
+def _adjusted_lr(lr: float, fn: str | None, shape: torch.Size) -> float:
+    # torch.optim.Muon's rule (torch/optim/_muon.py `_adjust_lr`)
+    a, b = shape[:2]
+    if fn is None or fn == "original":
+        return lr * math.sqrt(max(1, a / b))
+    if fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(a, b))
+    return lr
+
+
+class MuonAdamW:
+    """Muon on the 2-D parameters plus AdamW on the others, stepped together.
+
+    Exposes the torch.optim.Optimizer surface the engine uses (param_groups, state, step,
+    zero_grad, state_dict, load_state_dict); either part may be absent."""
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        lr: float = 1e-3,
+        *,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        adamw_weight_decay: float = 0.01,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adjust_lr_fn: str = "match_rms_adamw",
+        ns_dtype: str = "auto",
+    ) -> None:
+        muon_cls = getattr(torch.optim, "Muon", None)
+        if muon_cls is None:
+            raise LayerpipeError(f"the muon optimizer needs torch.optim.Muon (torch >= 2.9); this torch is {torch.__version__}")
+        params = list(params)
+        matrices = [p for p in params if p.ndim == 2]
+        rest = [p for p in params if p.ndim != 2]
+        self.muon = (
+            muon_cls(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True, adjust_lr_fn=adjust_lr_fn)
+            if matrices
+            else None
+        )
+        self.adamw = torch.optim.AdamW(rest, lr=lr, betas=adamw_betas, weight_decay=adamw_weight_decay) if rest else None
+        if ns_dtype not in ("auto", "float32", "bfloat16"):
+            raise LayerpipeError(f"muon: ns_dtype must be auto, float32 or bfloat16, got {ns_dtype!r}")
+        on_cpu = all(p.device.type == "cpu" for p in matrices)
+        self.float32_ns = ns_dtype == "float32" or (ns_dtype == "auto" and on_cpu)
+
+    def _parts(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.muon, self.adamw) if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self._parts() for g in o.param_groups]
+
+    @property
+    def state(self) -> dict[Tensor, Any]:
+        return {p: s for o in self._parts() for p, s in o.state.items()}
+
+    def step(self, closure: Callable[[], Any] | None = None) -> None:
+        if self.muon is not None:
+            muon_float32_step(self.muon) if self.float32_ns else self.muon.step()
+        if self.adamw is not None:
+            self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self._parts():
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict() if self.muon else None, "adamw": self.adamw.state_dict() if self.adamw else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.muon is not None:
+            self.muon.load_state_dict(state["muon"])
+        if self.adamw is not None:
+            self.adamw.load_state_dict(state["adamw"])
+
+
+@register("muon", builds_optimizer=True)
+def build_muon(
+    params: Sequence[Tensor],
+    delay: int,
+    *,
+    lr: float = 4e-3,
+    weight_decay: float = 0.1,
+    momentum: float = 0.95,
+    momentum_max: float = 0.99,
+    per_delay: bool = False,
+    adamw_weight_decay: float = 0.01,
+    ns_dtype: str = "auto",
+) -> MuonAdamW:
+    mom = delay_beta1(momentum, delay, momentum_max) if per_delay else momentum
+    return MuonAdamW(params, lr, weight_decay=weight_decay, momentum=mom, adamw_weight_decay=adamw_weight_decay, ns_dtype=ns_dtype)

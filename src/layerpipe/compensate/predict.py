@@ -1,0 +1,97 @@
+"""(c) `predict`: forward on predicted weights W + c d_k u_hat, backward on the strategy's weights.
+
+The gradient a stage computes now is applied d_k ticks later, when the weights will have
+moved by about d_k u_hat, u_hat the bias-corrected EMA of applied updates (decay
+alpha_k = 2 / (d_k + 1)). Running the forward at that point (SpecTrain, XPipe; PipeMare's
+discrepancy correction) makes the gradient fresh when it lands. The backward still uses the
+weights the weight strategy gives for that forward's version (the live weights of that
+tick: exact with `stash`, rebuilt with `ema`), through the stage's saved-tensor hooks.
+
+Memory: with the `ema` strategy the prediction reuses its update average (`UpdateEMA._avg`,
+same alpha, same bias correction): zero extra bytes. With any other strategy this wrapper
+keeps its own average, |W_k| on stages with d_k > 0. The forward makes a transient copy of
+the live weights to restore them exactly afterwards (not history).
+
+Needs `attach(stage)`: it installs `stage.forward_context`. It must be the outermost
+wrapper, so that its own average sees the whole applied update.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layerpipe.compensate.base import Compensation
+from layerpipe.compensate.registry import register
+from layerpipe.weights.ema import UpdateEMA
+
+
+@register("predict", rank=90)
+class Predict(Compensation):
+    name = "predict"
+
+    def __init__(self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer, *, c: float = 1.0) -> None:
+        super().__init__(params, delay, optimizer)
+        self.c = float(c)
+        self._live = [p.detach() for p in self.params]
+        self.alpha = 2.0 / (delay + 1)
+        self.steps = 0
+        self._avg: list[Tensor] | None = None  # own average, allocated by attach() if needed
+        self._shared: UpdateEMA | None = None  # the ema strategy whose average is reused
+
+    def attach(self, stage: Any) -> None:
+        super().attach(stage)
+        if self.delay == 0 or not self._live or self.c == 0:
+            return
+        strategy = getattr(stage, "strategy", None)
+        if isinstance(strategy, UpdateEMA) and strategy._avg is not None and abs(strategy.alpha - self.alpha) < 1e-12:
+            self._shared = strategy
+        elif self._avg is None:
+            self._avg = [torch.zeros_like(p) for p in self._live]
+        stage.forward_context = self.predicted_weights
+
+    def estimate(self) -> tuple[list[Tensor] | None, float]:
+        """(u, factor) with u_hat = factor * u, or (None, 0) before any update."""
+        if self._shared is not None:
+            avg, alpha, steps = self._shared._avg.views, self._shared.alpha, self._shared.steps  # type: ignore[union-attr]
+        else:
+            avg, alpha, steps = self._avg, self.alpha, self.steps
+        if avg is None or steps == 0:
+            return None, 0.0
+        return avg, 1.0 / (1.0 - (1.0 - alpha) ** steps)
+
+    @contextmanager
+    def predicted_weights(self) -> Iterator[None]:
+        u, factor = self.estimate()
+        if u is None:
+            yield
+            return
+        saved = torch._foreach_mul(self._live, 1.0)
+        torch._foreach_add_(self._live, u, alpha=self.c * self.delay * factor)
+        try:
+            yield
+        finally:
+            torch._foreach_copy_(self._live, saved)
+
+    def step(self, closure=None) -> None:
+        if self._avg is None:
+            self.optimizer.step()
+            return
+        before = torch._foreach_mul(self._live, 1.0)
+        self.optimizer.step()
+        torch._foreach_lerp_(self._avg, torch._foreach_sub(self._live, before), self.alpha)
+        self.steps += 1
+
+    def own_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._avg) if self._avg is not None else 0
+
+    def own_state(self) -> dict[str, Any]:
+        return {"steps": self.steps, "avg": [t.clone() for t in self._avg] if self._avg is not None else None}
+
+    def load_own_state(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        if self._avg is not None and state["avg"] is not None:
+            torch._foreach_copy_(self._avg, [t.to(a.device) for t, a in zip(state["avg"], self._avg)])

@@ -1,0 +1,298 @@
+"""Delay compensation: each technique against a hand-written reference of its update rule.
+
+The references use plain tensors and a few lines each; they do not call the code under test.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from layerpipe.compensate import build_optimizer, make_compensation, parse_spec
+from layerpipe.compensate.nesterov import delay_beta1
+from layerpipe.engine.stage import Stage
+from layerpipe.errors import LayerpipeError
+from layerpipe.weights import make_strategy
+
+
+def _grads(shapes, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g) for s in shapes] for _ in range(steps)]
+
+
+def _params(shapes, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+
+
+def _run(opt, params, grads):
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+# -- (a) nesterov --------------------------------------------------------------------------
+def test_nesterov_beta1_rule():
+    assert delay_beta1(0.9, 0, 0.99) == pytest.approx(0.9)
+    assert delay_beta1(0.9, 6, 0.99) == pytest.approx(1 - 0.1 / 7)
+    assert delay_beta1(0.9, 100, 0.99) == pytest.approx(0.99)
+
+
+def test_nesterov_matches_reference():
+    shapes = [(3, 4), (4,)]
+    params, grads = _params(shapes), _grads(shapes, 5)
+    ref = [p.detach().clone() for p in params]
+    lr, wd, b2, eps = 0.01, 0.1, 0.999, 1e-8
+    b1 = 1 - 0.1 / 5  # delay 4, base 0.9
+    opt = make_compensation("nesterov", params, 4, lr=lr, weight_decay=wd)
+    _run(opt, params, grads)
+    m = [torch.zeros_like(r) for r in ref]
+    v = [torch.zeros_like(r) for r in ref]
+    for t, gs in enumerate(grads, 1):
+        for i, g in enumerate(gs):
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            mh = b1 * m[i] / (1 - b1 ** (t + 1)) + (1 - b1) * g / (1 - b1**t)
+            vh = v[i] / (1 - b2**t)
+            ref[i] = ref[i] * (1 - lr * wd) - lr * mh / (vh.sqrt() + eps)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
+
+
+# -- (b) error feedback --------------------------------------------------------------------
+@pytest.mark.parametrize("per_delay", [False, True])
+def test_error_feedback_matches_reference(per_delay):
+    shapes = [(2, 3), (3,)]
+    params, grads = _params(shapes), _grads(shapes, 4)
+    ref = [p.detach().clone() for p in params]
+    lr, c, delay = 0.1, 0.3, 2
+    opt = make_compensation("error-feedback", params, delay, torch.optim.SGD(params, lr=lr), c=c, per_delay=per_delay)
+    _run(opt, params, grads)
+    ck = c * delay if per_delay else c
+    prev = [torch.zeros_like(r) for r in ref]
+    for gs in grads:
+        for i, g in enumerate(gs):
+            u = lr * g  # SGD's step
+            ref[i] = ref[i] - u - ck * (u - prev[i])
+            prev[i] = u
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
+    assert opt.history_bytes() == sum(p.numel() * 4 for p in params)
+
+
+def test_error_feedback_leaves_undelayed_stage_alone():
+    params = _params([(2, 2)])
+    opt = make_compensation("error-feedback", params, 0, torch.optim.SGD(params, lr=0.1))
+    assert opt.history_bytes() == 0
+
+
+def test_error_feedback_state_round_trip():
+    shapes = [(2, 3)]
+    grads = _grads(shapes, 4)
+    a, b = _params(shapes), _params(shapes)
+    oa = make_compensation("error-feedback", a, 2, torch.optim.SGD(a, lr=0.1, momentum=0.9))
+    ob = make_compensation("error-feedback", b, 2, torch.optim.SGD(b, lr=0.1, momentum=0.9))
+    _run(oa, a, grads[:2])
+    _run(ob, b, grads[:2])
+    ob.load_state_dict(copy.deepcopy(oa.state_dict()))  # as a checkpoint would: no aliasing
+    _run(oa, a, grads[2:])
+    _run(ob, b, grads[2:])
+    torch.testing.assert_close(a[0].detach(), b[0].detach())
+
+
+# -- (d) accumulate ------------------------------------------------------------------------
+def test_accumulate_matches_reference():
+    shapes = [(2, 2)]
+    params, grads = _params(shapes), _grads(shapes, 6)
+    ref = params[0].detach().clone()
+    opt = make_compensation("accumulate", params, 4, torch.optim.SGD(params, lr=0.5), every=3)
+    history = []
+    for gs in grads:
+        params[0].grad = gs[0].clone()
+        opt.step()
+        history.append(params[0].detach().clone())
+    expect = []
+    for t in range(6):
+        if t in (2, 5):
+            ref = ref - 0.5 * (grads[t - 2][0] + grads[t - 1][0] + grads[t][0]) / 3
+        expect.append(ref.clone())
+    for got, want in zip(history, expect):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulate_per_delay():
+    params = _params([(2, 2)])
+    assert make_compensation("accumulate", params, 4, torch.optim.SGD(params, lr=0.1), per_delay=True).every == 5
+
+
+# -- (e) pipemare --------------------------------------------------------------------------
+def test_pipemare_matches_reference():
+    shapes = [(3,)]
+    params, grads = _params(shapes), _grads(shapes, 15)
+    ref = params[0].detach().clone()
+    lr, delay, anneal, warmup = 0.2, 4, 10, 3
+    sgd = torch.optim.SGD(params, lr=lr)
+    opt = make_compensation("pipemare", params, delay, sgd, anneal=anneal, warmup=warmup)
+    _run(opt, params, grads)
+    for t, gs in enumerate(grads):
+        warm = min(1.0, (t + 1) / warmup)
+        power = 1.0 - min(1.0, t / anneal)
+        ref = ref - lr * warm * delay**-power * gs[0]
+    torch.testing.assert_close(params[0].detach(), ref, rtol=1e-5, atol=1e-6)
+    assert sgd.param_groups[0]["lr"] == lr  # restored: an outer schedule still owns it
+
+
+# -- (f) muon ------------------------------------------------------------------------------
+def _newton_schulz(g, a=3.4445, b=-4.775, c=2.0315, steps=5, eps=1e-7, dtype=torch.float32):
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+@pytest.mark.parametrize("ns_dtype", ["float32", "bfloat16"])
+def test_muon_matrices_and_adamw_rest(ns_dtype):
+    shapes = [(8, 4), (4,)]
+    params, grads = _params(shapes), _grads(shapes, 3)
+    w0, b0 = (p.detach().clone() for p in params)
+    lr, mom, wd = 0.02, 0.95, 0.1
+    opt = make_compensation("muon", params, 0, lr=lr, momentum=mom, weight_decay=wd, ns_dtype=ns_dtype)
+    _run(opt, params, grads)
+    # Muon on the matrix (Nesterov momentum, orthogonalised, lr scaled to AdamW's RMS)
+    buf, w = torch.zeros_like(w0), w0.clone()
+    for gs in grads:
+        g = gs[0]
+        buf = mom * buf + (1 - mom) * g
+        upd = (1 - mom) * g + mom * buf
+        w = w * (1 - lr * wd) - lr * 0.2 * math.sqrt(8) * _newton_schulz(upd, dtype=getattr(torch, ns_dtype)).float()
+    tol = 1e-5 if ns_dtype == "float32" else 2e-3  # bfloat16 is torch's own step: its rounding
+    torch.testing.assert_close(params[0].detach(), w, rtol=tol, atol=tol)
+    # AdamW on the vector
+    m, v, b = torch.zeros_like(b0), torch.zeros_like(b0), b0.clone()
+    for t, gs in enumerate(grads, 1):
+        g = gs[1]
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        b = b * (1 - lr * 0.01) - lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+    torch.testing.assert_close(params[1].detach(), b, rtol=1e-5, atol=1e-6)
+    assert len(opt.param_groups) == 2
+
+
+def test_muon_per_delay_momentum():
+    params = _params([(4, 4)])
+    opt = make_compensation("muon", params, 6, per_delay=True, momentum=0.9, momentum_max=0.99)
+    assert opt.muon.param_groups[0]["momentum"] == pytest.approx(1 - 0.1 / 7)
+
+
+def test_muon_missing_is_one_clear_error(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(LayerpipeError, match="torch.optim.Muon"):
+        make_compensation("muon", _params([(2, 2)]), 0)
+
+
+# -- (c) predict ---------------------------------------------------------------------------
+def _stage(weights, delay, c=1.0, lr=0.1):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    stage = Stage(
+        0,
+        module,
+        delay,
+        lambda ps, d, opt: make_strategy(weights, ps, d, opt),
+        lambda ps: make_compensation("predict", ps, delay, torch.optim.SGD(ps, lr=lr), c=c),
+        is_last=False,
+    )
+    stage.optimizer.attach(stage)
+    return stage
+
+
+def _tick(stage, mb, x, gout):
+    stage.forward(mb, x)
+    stage.backward(mb, gout)
+    stage.update()
+
+
+@pytest.mark.parametrize("weights", ["stash", "ema"])
+def test_predict_forward_on_predicted_backward_on_strategy_weights(weights):
+    delay, c = 2, 0.7
+    stage = _stage(weights, delay, c)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(5, 3, generator=g) for _ in range(6)]
+    gouts = [torch.randn(5, 2, generator=g) for _ in range(6)]
+    live = [p.detach() for p in stage.params]
+    # reference EMA of applied updates (alpha = 2 / (d + 1)), kept by hand
+    alpha, avg, steps = 2 / (delay + 1), [torch.zeros_like(p) for p in live], 0
+    for mb in range(4):  # synchronous ticks to build up the average
+        before = [p.clone() for p in live]
+        _tick(stage, mb, xs[mb], gouts[mb])
+        avg = [(1 - alpha) * a + alpha * (p - b) for a, p, b in zip(avg, live, before)]
+        steps += 1
+    w = [p.clone() for p in live]
+    predicted = [p + c * delay * a / (1 - (1 - alpha) ** steps) for p, a in zip(w, avg)]
+    out = stage.forward(10, xs[4])
+    for p, want in zip(live, w):  # restored exactly after the forward
+        assert torch.equal(p, want)
+    w1, b1, w2, b2 = predicted
+    h = xs[4] @ w1.T + b1
+    a = torch.tanh(h)
+    torch.testing.assert_close(out, a @ w2.T + b2, rtol=1e-5, atol=1e-6)
+    stage.forward(11, xs[5])  # another forward, then an update between forward and backward
+    stage.backward(11, gouts[5])
+    stage.update()
+    expected_bw = stage.strategy.backward_weights(stage.strategy.version - 1)  # version of mb 10
+    bw = [t.clone() for t in expected_bw]
+    stage.backward(10, gouts[4])
+    # hand backward: activations from the predicted forward, weights from the strategy
+    dh = (gouts[4] @ bw[2]) * (1 - a * a)
+    torch.testing.assert_close(stage.params[2].grad, gouts[4].T @ a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stage.params[0].grad, dh.T @ xs[4], rtol=1e-5, atol=1e-6)
+    if weights == "stash":
+        torch.testing.assert_close(bw[2], w[2])  # exact: the live weights of that forward
+
+
+def test_predict_reuses_the_ema_buffer():
+    ema_stage, stash_stage = _stage("ema", 2), _stage("stash", 2)
+    assert ema_stage.optimizer.history_bytes() == 0
+    assert stash_stage.optimizer.history_bytes() == sum(p.numel() * 4 for p in stash_stage.params)
+
+
+def test_predict_noop_without_delay():
+    stage = _stage("stash", 0)
+    assert stage.forward_context is None and stage.optimizer.history_bytes() == 0
+
+
+# -- registry, specs, chains ---------------------------------------------------------------
+def test_unknown_name_and_bad_option_are_layerpipe_errors():
+    params = _params([(2, 2)])
+    with pytest.raises(LayerpipeError, match="unknown compensation"):
+        make_compensation("nope", params, 0)
+    with pytest.raises(LayerpipeError, match="error-feedback"):
+        make_compensation("error-feedback", params, 2, torch.optim.SGD(params, lr=0.1), bogus=1)
+
+
+def test_parse_spec():
+    assert parse_spec("error-feedback:c=0.5,per_delay=True") == ("error-feedback", {"c": 0.5, "per_delay": True})
+    assert parse_spec("predict") == ("predict", {})
+
+
+def test_chain_order_and_bytes():
+    params = _params([(4, 4), (4,)])
+    opt = build_optimizer(params, 4, ["predict", "error-feedback:c=0.5", "accumulate:every=2", "muon"])
+    names = []
+    o = opt
+    while hasattr(o, "optimizer"):
+        names.append(o.name)
+        o = o.optimizer
+    assert names == ["predict", "error-feedback", "accumulate"]
+    size = sum(p.numel() * 4 for p in params)
+    assert opt.history_bytes() == 2 * size  # error-feedback's previous update + the gradient sum
+    with pytest.raises(LayerpipeError, match="one optimizer"):
+        build_optimizer(params, 4, ["muon", "nesterov"])

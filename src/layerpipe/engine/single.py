@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from layerpipe.engine.batch import as_call as _as_call
 from layerpipe.engine.checks import check_arguments, check_first_batch, checked_optimizer
 from layerpipe.engine.stage import LossFn, OptimizerFactory, SchedulerFactory, Stage, build_stages, sequential_modules
 from layerpipe.errors import LayerpipeError, PlanError
@@ -46,17 +47,28 @@ log = logging.getLogger(__name__)
 AUTOCAST_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _as_call(inputs: Any) -> tuple[tuple, dict]:
-    """A model's inputs as (args, kwargs): a tensor, a tuple of positional arguments or a dict
-    of keyword arguments."""
-    if isinstance(inputs, Tensor):
-        return (inputs,), {}
-    if isinstance(inputs, tuple):
-        return inputs, {}
-    if isinstance(inputs, Mapping):
-        return (), dict(inputs)
-    raise LayerpipeError(f"the model's inputs must be a tensor, a tuple (positional arguments) or a dict (keyword "
-                         f"arguments), got {type(inputs).__name__}")
+def cut_model(model: nn.Module, stages: Any, split_points: Sequence[str] | None, example_inputs: Any):
+    """`layerpipe.split.split_model` of a model at `split_points` or into `stages=K`, traced on
+    `example_inputs` (a tensor, a tuple of positional arguments or a dict of keyword
+    arguments); what `Pipeline` and the distributed runtime both run."""
+    if example_inputs is None:
+        raise PlanError(f"a {type(model).__name__} is not an nn.Sequential of layers: pass example_inputs= (one "
+                        "call of the model) with split_points=[...] or stages=K to split it")
+    if split_points is not None:
+        if stages is not None:
+            raise PlanError("give split_points or stages, not both")
+        if isinstance(split_points, str):
+            raise PlanError(f"split_points is a list of submodule names, got the string {split_points!r}")
+        request: dict[str, Any] = {"split_points": list(split_points)}
+    elif isinstance(stages, int) and not isinstance(stages, bool):
+        request = {"num_stages": stages}
+    else:
+        raise PlanError(f"a {type(model).__name__} (not an nn.Sequential) is split with split_points=[...] or "
+                        f"stages=K, got stages={stages!r}")
+    from layerpipe.split import split_model
+
+    args, kwargs = _as_call(example_inputs)
+    return split_model(model, **request, example_args=args, example_kwargs=kwargs)
 
 
 def default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -179,26 +191,7 @@ class Pipeline:
             self.spec = sequential_spec(model, stages, schedule, delays)
             self._build(sequential_modules(model, self.spec))
             return
-        if not isinstance(model, nn.Module):
-            raise PlanError(f"the model must be an nn.Module, got {type(model).__name__}")
-        if example_inputs is None:
-            raise PlanError(f"a {type(model).__name__} is not an nn.Sequential of layers: pass example_inputs= (one "
-                            "call of the model) with split_points=[...] or stages=K to split it")
-        if split_points is not None:
-            if stages is not None:
-                raise PlanError("give split_points or stages, not both")
-            if isinstance(split_points, str):
-                raise PlanError(f"split_points is a list of submodule names, got the string {split_points!r}")
-            request: dict[str, Any] = {"split_points": list(split_points)}
-        elif isinstance(stages, int) and not isinstance(stages, bool):
-            request = {"num_stages": stages}
-        else:
-            raise PlanError(f"a {type(model).__name__} (not an nn.Sequential) is split with split_points=[...] or "
-                            f"stages=K, got stages={stages!r}")
-        from layerpipe.split import split_model
-
-        args, kwargs = _as_call(example_inputs)
-        self.split = split_model(model, **request, example_args=args, example_kwargs=kwargs)
+        self.split = cut_model(model, stages, split_points, example_inputs)
         self.spec = split_spec(self.split.split_points, schedule, delays)
         self._build(self.split.stages)
 

@@ -12,8 +12,9 @@ from layerpipe.training.build import build, epoch_order, evaluate, make_optimize
 from layerpipe.training.checkpoint import check_checkpoint_config
 from layerpipe.training.config import LR_SCHEDULES, OPTIMIZERS, RECIPES, STAGE_LRS, TrainConfig, weight_choices
 from layerpipe.training.loop import TrainResult, train
+from layerpipe.training.engines import CustomModel
 from layerpipe.training.lr import epoch_lr, set_lr
 
-__all__ = ["LR_SCHEDULES", "OPTIMIZERS", "RECIPES", "STAGE_LRS", "TrainConfig", "TrainResult", "build",
+__all__ = ["CustomModel", "LR_SCHEDULES", "OPTIMIZERS", "RECIPES", "STAGE_LRS", "TrainConfig", "TrainResult", "build",
            "check_checkpoint_config", "epoch_lr", "epoch_order", "evaluate", "make_optimizer_factory", "set_lr",
            "split_blocks", "train", "weight_choices"]

@@ -76,6 +76,35 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, batch_
     return total_loss / len(x), correct / count
 
 
+@torch.no_grad()
+def evaluate_split(split, x, y, loss_fn, batch_size: int = 512) -> tuple[float, float]:
+    """`evaluate` of a model cut by `layerpipe.split` (its stages run in order, as the
+    distributed runtime runs them): inputs a tensor, tuple or dict; accuracy NaN when the
+    model's output is not a tensor of class scores."""
+    from layerpipe.engine.batch import accuracy_counts, as_call, num_samples, take, to_device
+
+    model = split.model
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    num = num_samples(y)
+    total_loss, correct, count, scored = 0.0, 0, 0, True
+    try:
+        for s in range(0, num, batch_size):
+            m = min(batch_size, num - s)
+            args, kwargs = as_call(to_device(take(x, slice(s, s + m)), device))
+            out = split(*args, **kwargs)
+            yb = to_device(take(y, slice(s, s + m)), device)
+            total_loss += float(loss_fn(out, yb)) * m
+            counts = accuracy_counts(out, yb)
+            scored = scored and counts is not None
+            if counts is not None:
+                correct, count = correct + counts[0], count + counts[1]
+    finally:
+        model.train(was_training)
+    return total_loss / num, (correct / count if scored and count else float("nan"))
+
+
 def epoch_order(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     """Index tensors of the epoch's microbatches: a permutation seeded by (seed, epoch), the
     same in every process. The last, smaller batch is kept."""

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from layerpipe.engine.batch import take
 from layerpipe.engine.distributed import Comm, EpochStats, StageFailure, StageWorker, World
-from layerpipe.engine.single import Pipeline, resolve_strategy
+from layerpipe.engine.single import Pipeline, cut_model, resolve_strategy
 from layerpipe.errors import LayerpipeError, PlanError
-from layerpipe.plan import parse_stages, sequential_spec
-from layerpipe.training.build import evaluate, make_optimizer_factory
+from layerpipe.plan import parse_stages, sequential_spec, split_spec
+from layerpipe.training.build import evaluate, evaluate_split, make_optimizer_factory
 from layerpipe.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -53,16 +55,49 @@ class Engine(Protocol):
     def fail(self, exc: BaseException) -> BaseException: ...
 
 
+@dataclass
+class CustomModel:
+    """A model and data of the user's instead of the zoo's (`layerpipe.train_pipeline`).
+
+    `build(config)` returns (model, data, loss_fn) and is called in every process with the
+    same seed, so every process holds the same model; `data` has x_train, y_train, x_test,
+    y_test, the inputs a tensor, a tuple or a dict of keyword tensors with the samples along
+    dim 0. A model that is not an nn.Sequential (or given `split_points`) is cut by
+    `layerpipe.split` at `split_points` (or into `config.stages` stages), traced on
+    `example_inputs` (default: the first `config.batch_size` training inputs)."""
+
+    build: Callable[[TrainConfig], tuple[nn.Module, Any, Callable]]
+    split_points: list[str] | None = None
+    example_inputs: Any = None
+
+    def split_options(self, model: nn.Module, data: Any, config: TrainConfig) -> dict[str, Any]:
+        """The keywords of the engines' split path; {} for an nn.Sequential cut into slices."""
+        if isinstance(model, nn.Sequential) and self.split_points is None:
+            return {}
+        example = self.example_inputs
+        if example is None:
+            example = take(data.x_train, slice(0, config.batch_size))
+        return {"split_points": self.split_points, "example_inputs": example}
+
+
+def _split_stages(config: TrainConfig, split_points: Sequence[str] | None) -> Any:
+    return None if split_points is not None else parse_stages(config.stages)
+
+
 class LocalEngine:
     """Every stage in this process: `engine.single.Pipeline`."""
 
     rank, world_size = 0, 1
 
-    def __init__(self, model: nn.Sequential, config: TrainConfig, loss_fn) -> None:
+    def __init__(self, model: nn.Module, config: TrainConfig, loss_fn, *, split_points: Sequence[str] | None = None,
+                 example_inputs: Any = None) -> None:
         self.model, self.loss_fn = model, loss_fn
-        self.pipe = Pipeline(model, stages=parse_stages(config.stages), weights=config.weights,
-                             optimizer=make_optimizer_factory(config), loss_fn=loss_fn, schedule=config.schedule,
-                             weight_options=config.weight_options, compensation=config.compensation)
+        split = split_points is not None or example_inputs is not None
+        self.pipe = Pipeline(model, stages=_split_stages(config, split_points) if split else parse_stages(config.stages),
+                             weights=config.weights, optimizer=make_optimizer_factory(config), loss_fn=loss_fn,
+                             schedule=config.schedule, weight_options=config.weight_options,
+                             compensation=config.compensation, split_points=split_points,
+                             example_inputs=example_inputs)
         self.stage_sizes, self.delays = self.pipe.stage_sizes, self.pipe.delays
         self.stage_parameter_bytes = [s.parameter_bytes() for s in self.pipe.stages]
 
@@ -75,7 +110,7 @@ class LocalEngine:
     def run_epoch(self, x: Tensor, y: Tensor, order: Sequence[Tensor], on_microbatch=None) -> list[Tensor]:
         losses: list[Tensor] = []
         for idx in order:
-            losses.extend(self.pipe.step(x[idx], y[idx]).losses.values())
+            losses.extend(self.pipe.step(take(x, idx), take(y, idx)).losses.values())
             if on_microbatch is not None:
                 on_microbatch()
         for info in self.pipe.flush():
@@ -83,6 +118,8 @@ class LocalEngine:
         return losses
 
     def evaluate(self, x: Tensor, y: Tensor) -> tuple[float, float]:
+        if self.pipe.split is not None:
+            return evaluate_split(self.pipe.split, x, y, self.loss_fn)
         return evaluate(self.model, x, y, self.loss_fn)
 
     def history_bytes(self) -> int:
@@ -150,11 +187,18 @@ class DistributedEngine:
         self.stage_parameter_bytes = worker.stage_parameter_bytes
 
     @classmethod
-    def start(cls, config: TrainConfig, model: nn.Sequential, data, loss_fn, world: World, device: torch.device,
+    def start(cls, config: TrainConfig, model: nn.Module, data, loss_fn, world: World, device: torch.device,
               *, timeout: float = 60.0, backend: str = "auto", staging: bool | None = None,
-              forced_exit: Callable[[str], None] | None = None) -> DistributedEngine:
-        """Join the run and keep this process's stage of `model` (built on the CPU)."""
-        check_stage_count(parse_stages(config.stages), world.world_size, len(model))
+              forced_exit: Callable[[str], None] | None = None, split_points: Sequence[str] | None = None,
+              example_inputs: Any = None) -> DistributedEngine:
+        """Join the run and keep this process's stage of `model` (built on the CPU). A model
+        given `split_points` or `example_inputs` is cut by `layerpipe.split` (see `Pipeline`)."""
+        split = split_points is not None or example_inputs is not None
+        if split:
+            check_stage_count(len(split_points) + 1 if split_points is not None else parse_stages(config.stages),
+                              world.world_size)
+        else:
+            check_stage_count(parse_stages(config.stages), world.world_size, len(model))
         try:
             comm = Comm(world, device=device, timeout=timeout, backend=backend, staging=staging,
                         forced_exit=forced_exit)
@@ -165,10 +209,16 @@ class DistributedEngine:
             raise StageFailure(f"stage {world.rank} could not join the run: {text}", world.rank, local=True) from None
         try:
             strategy, schedule = resolve_strategy(config.weights, config.schedule)
-            spec = sequential_spec(model, parse_stages(config.stages), schedule)
-            worker = StageWorker(comm, model, spec, weights=strategy, optimizer=make_optimizer_factory(config),
-                                 loss_fn=loss_fn, sample=data.x_train[:2], device=device,
-                                 weight_options=config.weight_options, compensation=config.compensation)
+            if split:  # every process cuts the same model on the same example inputs
+                cut = cut_model(model, _split_stages(config, split_points), split_points, example_inputs)
+                worker = StageWorker(comm, model, split_spec(cut.split_points, schedule), weights=strategy,
+                                     optimizer=make_optimizer_factory(config), loss_fn=loss_fn, device=device,
+                                     weight_options=config.weight_options, compensation=config.compensation, split=cut)
+            else:
+                spec = sequential_spec(model, parse_stages(config.stages), schedule)
+                worker = StageWorker(comm, model, spec, weights=strategy, optimizer=make_optimizer_factory(config),
+                                     loss_fn=loss_fn, sample=data.x_train[:2], device=device,
+                                     weight_options=config.weight_options, compensation=config.compensation)
         except BaseException as exc:
             raise cls(comm, None).fail(exc) from None  # type: ignore[arg-type]
         return cls(comm, worker)
@@ -204,7 +254,7 @@ class DistributedEngine:
         self.worker.load_state_dict(state)
 
     def model_state(self) -> dict[str, Tensor] | None:
-        states = self.comm.gather_objects({k: v.detach().cpu() for k, v in self.worker.module.state_dict().items()})
+        states = self.comm.gather_objects({k: v.detach().cpu() for k, v in self.worker.model_state_dict().items()})
         if states is None:
             return None
         merged: dict[str, Tensor] = {}

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from layerpipe.engine.batch import num_samples, to_device
 from layerpipe.engine.distributed import World
 from layerpipe.errors import LayerpipeError
 from layerpipe.plan import stage_delays
@@ -32,7 +33,7 @@ from layerpipe.report.records import MetricsLog, atomic_torch_save
 from layerpipe.training.build import build, epoch_order
 from layerpipe.training.checkpoint import load_checkpoint, save_checkpoint
 from layerpipe.training.config import TrainConfig
-from layerpipe.training.engines import DistributedEngine, Engine, LocalEngine, stage_device
+from layerpipe.training.engines import CustomModel, DistributedEngine, Engine, LocalEngine, stage_device
 from layerpipe.training.lr import epoch_lr, set_lr
 
 log = logging.getLogger(__name__)
@@ -65,21 +66,26 @@ class TrainResult:
         }
 
 
-def start_engine(config: TrainConfig, distributed: dict[str, Any] | None):
+def start_engine(config: TrainConfig, distributed: dict[str, Any] | None, custom: CustomModel | None = None):
     """(engine, data) for this process: every stage here, or this process's stage."""
     world = World.from_env()
     if distributed is None and world is None:
-        model, data, loss = build(config)
-        return LocalEngine(model, config, loss), data
+        model, data, loss = build(config) if custom is None else custom.build(config)
+        split = custom.split_options(model, data, config) if custom is not None else {}
+        return LocalEngine(model, config, loss, **split), data
     options = dict(distributed or {})
     world = options.pop("world", None) or world or World()
     builder = options.pop("builder", None) or build
+    if custom is not None:
+        builder = custom.build
     device = stage_device(config.device, world)
     # the whole model is built on the CPU in every process; only this stage's layers move to
     # the device (a GPU never holds the whole model)
     local = dataclasses.replace(config, device="cpu")
     model, data, loss = builder(local)
     config.dataset = local.dataset  # build() fills in the default dataset
+    if custom is not None:
+        options.update(custom.split_options(model, data, config))
     return DistributedEngine.start(config, model, data, loss, world, device, **options), data
 
 
@@ -93,6 +99,7 @@ def train(
     resume: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     distributed: dict[str, Any] | None = None,
+    custom: CustomModel | None = None,
 ) -> TrainResult:
     """Train as `config` says; write metrics (and plots) to `run_dir` when given.
 
@@ -102,12 +109,13 @@ def train(
     from the last one and ends with the weights an uninterrupted run would have.
     `on_epoch(record)` is called after each epoch's record (and checkpoint), on the main
     process. `distributed`: options of the distributed engine (timeout, backend, staging,
-    forced_exit, world, builder); under torchrun it is used even when None.
+    forced_exit, world, builder); under torchrun it is used even when None. `custom`: the
+    user's model and data instead of the zoo's (see `engines.CustomModel`).
     """
     start = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
-    engine, data = start_engine(config, distributed)
+    engine, data = start_engine(config, distributed, custom)
     try:
         result = _train(engine, data, config, run_dir, progress, save, checkpoint_every, resume, on_epoch)
         engine.close()
@@ -161,14 +169,14 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
     for record in result.history if metrics else []:
         metrics.write(record)
     # stage 0 reads the inputs and the last stage the labels: only they need them on the device
-    x_train = data.x_train.to(device) if engine.rank == 0 else data.x_train
-    y_train = data.y_train.to(device) if engine.rank == engine.world_size - 1 else data.y_train
+    x_train = to_device(data.x_train, device) if engine.rank == 0 else data.x_train
+    y_train = to_device(data.y_train, device) if engine.rank == engine.world_size - 1 else data.y_train
     stats, trained = None, False
     for epoch in range(first_epoch, config.epochs):
         trained = True
         epoch_start = time.perf_counter()
         set_lr(engine.optimizers(), engine.local_delays(), epoch_lr(config, epoch), config.stage_lr)
-        order = epoch_order(len(data.x_train), config.batch_size, config.seed, epoch)
+        order = epoch_order(num_samples(data.x_train), config.batch_size, config.seed, epoch)
         bar = _progress_bar(len(order), f"epoch {epoch + 1}/{config.epochs}", progress and main)
         try:
             losses = engine.run_epoch(x_train, y_train, order, bar.update if bar else None)

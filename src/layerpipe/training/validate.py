@@ -10,6 +10,10 @@ from typing import Any
 from layerpipe.errors import LayerpipeError
 
 
+#: the model and dataset name of a run on the user's own model and data
+CUSTOM = "custom"
+
+
 def check_config(config: Any) -> None:
     _check_numbers(config)
     _check_device(config.device)
@@ -62,6 +66,10 @@ def _check_model_and_data(c: Any) -> None:
     from layerpipe.data import DATASET_NAMES
     from layerpipe.models import MODEL_NAMES, check_model_options, default_dataset
 
+    if c.model == CUSTOM:  # the user's own model and data (`train(custom=...)`, `layerpipe.train_pipeline`)
+        if not isinstance(c.model_options, dict) or not isinstance(c.weight_options, dict):
+            raise LayerpipeError("model_options and weight_options must be dicts")
+        return
     if c.model not in MODEL_NAMES:
         raise LayerpipeError(f"unknown model {c.model!r}; choose one of: {', '.join(MODEL_NAMES)}")
     if c.dataset is not None:

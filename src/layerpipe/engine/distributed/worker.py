@@ -27,6 +27,15 @@ dataset is never sent. Every process builds the whole model from the same seed, 
 partition and the per-sample activation shapes of every boundary from it (a forward of two
 samples in eval mode), keeps its own stage and drops the rest.
 
+Any model `layerpipe.split` can cut (`split=`): every process splits the same model with the
+same example inputs, so all agree on the boundaries. A boundary then carries several tensors,
+one message each, in the order of `split.boundaries[k]`; each has the shape of the boundary
+spec with the batch dimension (where `batched`) set to the microbatch's size. Integer and
+boolean values (token ids, masks) and values that need no gradient send none back. Stage 0
+takes the user's inputs (a tensor, a tuple or a dict of keyword tensors, samples along dim 0)
+and the last stage `loss_fn(model_output, target)`. Parameters read by stages in different
+processes (tied embeddings) are refused with a `PlanError` (not supported yet).
+
 Not the same numbers as one process: models that draw random numbers in the forward pass
 (dropout): each process has its own random stream.
 """
@@ -37,16 +46,20 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from layerpipe.engine.batch import accuracy_counts, as_call, num_samples, take, to_device
 from layerpipe.engine.distributed.transport import ACT, EVAL, GRAD, STATS, Comm, Pending
 from layerpipe.engine.stage import LossFn, OptimizerFactory, build_stages, sequential_modules
 from layerpipe.errors import LayerpipeError, PlanError
 from layerpipe.plan import PipelineSpec
 from layerpipe.schedule import Timing
+
+if TYPE_CHECKING:
+    from layerpipe.split import SplitModel, ValueSpec
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +113,13 @@ class StageWorker:
         comm: the connection to the other stages.
         model: the whole model, built identically in every process; this stage keeps its
             layers (they are trained in place), the caller may drop the rest.
-        spec: the plan (`plan.sequential_spec`); its stage count must equal the processes'.
+        spec: the plan (`plan.sequential_spec`, or `plan.split_spec` with `split`); its stage
+            count must equal the processes'.
         weights: the registered weight strategy (`sync` is a schedule: use `latest` with it).
         sample: a batch of at least two inputs (on the model's device), to find the
-            activation shapes.
+            activation shapes (an nn.Sequential cut into slices; not needed with `split`).
+        split: the model cut by `layerpipe.split.split_model` with example inputs (so that
+            it has `boundary_specs`), the same in every process; `model` is then `split.model`.
         device: where this stage computes; its layers move there (default: `comm.device`).
             Build the model on the CPU: only this stage's layers reach the device.
     """
@@ -111,16 +127,17 @@ class StageWorker:
     def __init__(
         self,
         comm: Comm,
-        model: nn.Sequential,
+        model: nn.Module,
         spec: PipelineSpec,
         *,
         weights: str,
         optimizer: OptimizerFactory,
         loss_fn: LossFn,
-        sample: Tensor,
+        sample: Tensor | None = None,
         device: str | torch.device | None = None,
         weight_options: Mapping[str, Any] | None = None,
         compensation: Sequence[Any] | None = None,
+        split: SplitModel | None = None,
     ) -> None:
         self.comm = comm
         self.rank, self.num_stages = comm.rank, comm.world_size
@@ -132,8 +149,15 @@ class StageWorker:
         self.spec = spec
         self.stage_sizes, self.delays = list(spec.stage_sizes), list(spec.delays)
         self.timing = Timing.of(spec)
-        self.specs = boundary_specs(model, self.stage_sizes, sample)
-        modules = sequential_modules(model, spec)
+        self.split = split
+        if split is None:
+            if sample is None:
+                raise PlanError("StageWorker needs sample= (a batch of inputs) to find the activation shapes")
+            self.specs = boundary_specs(model, self.stage_sizes, sample)
+            modules: list[nn.Module] = sequential_modules(model, spec)
+        else:
+            self.boundaries = _checked_split(split, self.num_stages)
+            modules = list(split.stages)
         self.stage_parameter_bytes = [
             sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad) for m in modules
         ]
@@ -169,6 +193,8 @@ class StageWorker:
     ) -> list[Tensor]:
         """Train on the microbatches `x[idx], y[idx]` for idx in `order`, then drain. Stage 0
         needs `x`, the last stage `y`. Returns the last stage's losses (empty elsewhere)."""
+        if self.split is not None:
+            return self._run_epoch_split(x, y, order, on_forward)
         comm, stage, timing = self.comm, self.stage, self.timing
         k, last = self.rank, self.num_stages - 1
         n = len(order)
@@ -227,6 +253,8 @@ class StageWorker:
         """`train.evaluate` of the whole model, pipelined: (mean loss, accuracy) on the last
         stage, None elsewhere. Same batches, same sums, same numbers. Stage 0 reads `x`, the
         last stage `y`; the others only their lengths."""
+        if self.split is not None:
+            return self._evaluate_split(x, y, batch_size)
         comm, k, last = self.comm, self.rank, self.num_stages - 1
         num = len(x)
         starts = list(range(0, num, batch_size))
@@ -264,6 +292,126 @@ class StageWorker:
             return None
         return total_loss / num, correct / count
 
+    # -- a model cut by layerpipe.split: several tensors per boundary ---------------------------------
+    def _post_values(self, src: int, specs: Sequence[ValueSpec], batch: int, tag: int) -> list[Pending]:
+        return [self.comm.post_recv(src, _shape(s, batch), s.dtype, tag) for s in specs]
+
+    def _run_epoch_split(self, x: Any, y: Any, order: Sequence[Tensor],
+                         on_forward: Callable[[], None] | None) -> list[Tensor]:
+        """`run_epoch` when boundaries carry several tensors: the same tick program, one
+        message per value (activations), one per value that needs a gradient (gradients)."""
+        comm, stage, timing = self.comm, self.stage, self.timing
+        k, last = self.rank, self.num_stages - 1
+        n = len(order)
+        sizes = [len(idx) for idx in order]
+        base = self.next_mb
+        acts: dict[int, list[Pending]] = {}  # producer tick -> posted receives
+        grads: dict[int, list[Pending]] = {}
+        losses: list[Tensor] = []
+        ins: list[ValueSpec] = list(self.boundaries[k - 1]) if k > 0 else []
+        outs: list[ValueSpec] = list(self.boundaries[k]) if k < last else []
+        grad_ins = [i for i, s in enumerate(ins) if _needs_grad(s)]  # inputs whose gradient we send back
+        grad_outs = [i for i, s in enumerate(outs) if _needs_grad(s)]  # outputs whose gradient we receive
+        for t in range(timing.length(n)):
+            if self._fault is not None and self.tick == self._fault[1]:
+                _inject(self._fault[0], k, self.tick)
+            comm.check()
+            # 1. the activations stage k-1 sends in this tick
+            if k > 0:
+                i = timing.forward(k - 1, t, n)
+                if i is not None:
+                    acts[t] = self._post_values(k - 1, ins, sizes[i], ACT)
+            # 2. forward
+            i = timing.forward(k, t, n)
+            if i is not None:
+                if k == 0:
+                    xb = take(x, order[i])
+                else:
+                    xb = tuple(comm.wait(p) for p in acts.pop(t - timing.forward_lag))
+                out = stage.forward(base + i, xb, take(y, order[i]) if k == last else None)
+                if k == last:
+                    losses.append(out)
+                else:
+                    for v in out:
+                        comm.send(k + 1, v, ACT)
+                if on_forward is not None:
+                    on_forward()
+            if grad_outs:
+                j = timing.backward(k + 1, t, n)
+                if j is not None:
+                    grads[t] = self._post_values(k + 1, [outs[i] for i in grad_outs], sizes[j], GRAD)
+            # 3. backward and update
+            j = timing.backward(k, t, n)
+            if j is not None:
+                g: tuple | None = None
+                if grad_outs:
+                    got = [comm.wait(p) for p in grads.pop(t - timing.gradient_slack(k))]
+                    full: list[Tensor | None] = [None] * len(outs)
+                    for i, v in zip(grad_outs, got):
+                        full[i] = v
+                    g = tuple(full)
+                g_in = stage.backward(base + j, g)
+                for i in grad_ins:
+                    v = g_in[i] if g_in is not None else None
+                    if v is None:  # the input did not reach the output
+                        v = torch.zeros(_shape(ins[i], sizes[j]), dtype=ins[i].dtype, device=comm.device)
+                    comm.send(k - 1, v, GRAD)
+                stage.update()
+            self.tick += 1
+        self.next_mb += n
+        if acts or grads or stage.inflight:  # a bug, not a user error
+            raise RuntimeError(f"stage {k}: the epoch ended with messages or microbatches left over")
+        return losses
+
+    def _evaluate_split(self, x: Any, y: Any, batch_size: int) -> tuple[float, float] | None:
+        """`evaluate` of a split model: (mean of `loss_fn` per sample, accuracy) on the last
+        stage; the accuracy is NaN when the model's output is not a tensor of class scores."""
+        comm, k, last = self.comm, self.rank, self.num_stages - 1
+        num = num_samples(y)
+        starts = list(range(0, num, batch_size))
+        ins = list(self.boundaries[k - 1]) if k > 0 else []
+        was_training = self.module.training
+        self.module.eval()
+        device = comm.device
+        total_loss, correct, count, scored = 0.0, 0, 0, True
+        pending: list[Pending] | None = None
+        try:
+            for c, s in enumerate(starts):
+                m = min(batch_size, num - s)
+                if k > 0:
+                    current = pending if pending is not None else self._post_values(k - 1, ins, m, EVAL)
+                    pending = None
+                    if c + 1 < len(starts):  # post the next receives before computing this one
+                        pending = self._post_values(k - 1, ins, min(batch_size, num - starts[c + 1]), EVAL)
+                    out = self.module(*(comm.wait(p) for p in current))
+                else:
+                    args, kwargs = as_call(to_device(take(x, slice(s, s + m)), device))
+                    out = self.module(*args, **kwargs)
+                if k < last:
+                    for v in out:
+                        comm.send(k + 1, v, EVAL)
+                else:
+                    yb = to_device(take(y, slice(s, s + m)), device)
+                    total_loss += float(self.loss_fn(out, yb)) * m
+                    counts = accuracy_counts(out, yb)
+                    scored = scored and counts is not None
+                    if counts is not None:
+                        correct, count = correct + counts[0], count + counts[1]
+        finally:
+            self.module.train(was_training)
+        if k < last:
+            return None
+        return total_loss / num, (correct / count if scored and count else float("nan"))
+
+    def model_state_dict(self) -> dict[str, Tensor]:
+        """This stage's part of the model's `state_dict`, under the model's own names (merge
+        every stage's to get the whole model's)."""
+        if self.split is None:
+            return self.module.state_dict()
+        users = {**self.split.param_users, **self.split.buffer_users}
+        k = self.rank
+        return {name: v for name, v in self.split.model.state_dict().items() if users.get(name, [0])[0] == k}
+
     def epoch_stats(self, losses: list[Tensor], test: tuple[float, float] | None) -> EpochStats | None:
         """Send this stage's numbers to rank 0; rank 0 returns the whole pipeline's."""
         comm, k, last = self.comm, self.rank, self.num_stages - 1
@@ -292,6 +440,30 @@ class StageWorker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tick, self.next_mb = int(state["tick"]), int(state["next_mb"])
         self.stage.load_state_dict(state["stage"])
+
+
+# -- split models ---------------------------------------------------------------------------------
+def _needs_grad(s: ValueSpec) -> bool:
+    return s.requires_grad and (s.dtype.is_floating_point or s.dtype.is_complex)
+
+
+def _shape(s: ValueSpec, batch: int) -> tuple[int, ...]:
+    return (batch, *s.per_sample_shape) if s.batched else s.shape
+
+
+def _checked_split(split: SplitModel, num_stages: int) -> list[list[ValueSpec]]:
+    """The boundary specs of a split model, after the checks that need them."""
+    if split.num_stages != num_stages:
+        raise PlanError(f"the model is split into {split.num_stages} stages but the run has {num_stages} processes; "
+                        "they must be equal (one stage per process)")
+    if split.boundary_specs is None:
+        raise PlanError("the split model has no boundary shapes: split it with example inputs")
+    tied = split.tied_params()
+    if tied:
+        names = ", ".join(f"{n} (stages {', '.join(map(str, ks))})" for n, ks in list(tied.items())[:3])
+        raise PlanError(f"parameters read by stages in different processes are not supported yet: {names}; untie "
+                        "them (for Hugging Face models: tie_word_embeddings=False) or train in one process")
+    return split.boundary_specs
 
 
 # -- fault injection (tests) ------------------------------------------------------------------------

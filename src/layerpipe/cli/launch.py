@@ -11,11 +11,16 @@ writes its failure line to LAYERPIPE_ERROR_FILE instead of printing it. When a c
 with an error the launcher terminates the others (SIGTERM, then SIGKILL) and reports one
 line: the failing child's own report, or how it died.
 
+`layerpipe launch --nproc K script.py [ARGS...]` runs a Python script (one that calls
+`layerpipe.train_pipeline`, say) as K ranks the same way; `torchrun --nproc-per-node K
+script.py` does too.
+
 The child side of `layerpipe train --nproc K` is `python -m layerpipe.cli.train`: it runs the
 train command with the arguments the parent parsed (passed as JSON in LAYERPIPE_WORKER_ARGS).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -34,6 +39,33 @@ QUIET_ENV = {"TORCH_CPP_LOG_LEVEL": "ERROR", "TORCH_SHOW_CPP_STACKTRACES": "0"}
 ERROR_FILE_ENV = "LAYERPIPE_ERROR_FILE"
 #: glibc settings the launcher gives its children (see `launch`)
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("launch", help="run a Python script as --nproc local processes, one pipeline stage each",
+                       description="Run SCRIPT as NPROC local ranks (RANK, WORLD_SIZE, MASTER_ADDR/PORT set; gloo on "
+                       "127.0.0.1), as torchrun --nproc-per-node NPROC would; if one fails the others are stopped "
+                       "and one line names the stage. The script calls layerpipe.train_pipeline (see the README).")
+    p.add_argument("--nproc", type=int, required=True, help="number of processes (= pipeline stages)")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS per process (default: cores / NPROC)")
+    p.add_argument("script", help="the Python script")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import sys
+
+    from layerpipe.errors import LayerpipeError
+
+    if args.nproc < 1:
+        raise LayerpipeError(f"--nproc must be at least 1, got {args.nproc}")
+    if not Path(args.script).is_file():
+        raise LayerpipeError(f"no such script: {args.script}")
+    result = launch([sys.executable, args.script, *args.args], args.nproc, threads_per_process=args.threads)
+    if result.returncode:
+        raise LayerpipeError(result.message)
+    return 0
 
 
 @dataclass

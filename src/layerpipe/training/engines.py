@@ -183,6 +183,9 @@ class DistributedEngine:
     def __init__(self, comm: Comm, worker: StageWorker) -> None:
         self.comm, self.worker = comm, worker
         self.rank, self.world_size = comm.rank, comm.world_size
+        if worker is None:  # failed while building its stage: only `fail` is called
+            self.stage_sizes, self.delays, self.stage_parameter_bytes = [], [], []
+            return
         self.stage_sizes, self.delays = worker.stage_sizes, worker.delays
         self.stage_parameter_bytes = worker.stage_parameter_bytes
 

@@ -198,6 +198,24 @@ def test_parameters_tied_across_processes_end_in_one_line(tmp_path):
                         r"yet: a\.weight \(stages 0, 1\); untie them .*", result.message), result.message
 
 
+def test_train_pipeline_in_one_process_checks_its_arguments():
+    import layerpipe
+    from layerpipe.errors import LayerpipeError, PlanError
+
+    def data():
+        d = make_data()
+        return d["x_train"], d["y_train"], d["x_test"], d["y_test"]
+
+    with pytest.raises(PlanError, match="give split_points"):
+        layerpipe.train_pipeline(SkipNet, data, F.cross_entropy)
+    with pytest.raises(LayerpipeError, match="missing x_test, y_test"):
+        layerpipe.train_pipeline(SkipNet, lambda: {"x_train": 1, "y_train": 2}, F.cross_entropy, split_points=["b"])
+    with pytest.raises(PlanError, match="no_such"):
+        layerpipe.train_pipeline(SkipNet, data, F.cross_entropy, split_points=["no_such"])
+    result = layerpipe.train_pipeline(SkipNet, data, F.cross_entropy, split_points=["b"], batch_size=5, lr=0.01)
+    assert result.stages == [1, 1] and 0 <= result.test_accuracy <= 1 and result.config["model"] == "custom"
+
+
 def _load_example():
     spec = importlib.util.spec_from_file_location("hf_gpt2_distributed", EXAMPLE)
     module = importlib.util.module_from_spec(spec)

@@ -1,0 +1,87 @@
+"""Data parallelism x pipelining (`dp` R > 1) with real processes (gloo on loopback): K x R
+processes on a (pp, dp) mesh equal the single-process engine with R times the microbatch;
+a killed replica stops the run with a line naming stage and replica; checkpoints are one
+file per stage and reshard over R; `layerpipe export` merges them into one state_dict.
+
+The workers are those of tests/test_distributed.py (`launch_worker`)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_distributed import assert_close_states, case, launch_worker, make_model, single_reference, train_spec
+
+pytestmark = pytest.mark.distributed
+
+# K = 2 stages x R = 2 replicas, b = 4 per replica; 59 samples: global microbatches of 8 and a
+# last one of 3, split 2 / 1 (weights 2/3 and 1/3)
+DP_CASES = [case(2, "stash", batch=4) | {"n": 59}, case(2, "ema", batch=4) | {"n": 59},
+            case(2, "stash", opt="adam", batch=4) | {"n": 59}, case(2, "ema", opt="adam", batch=4) | {"n": 59}]
+
+
+@pytest.mark.timeout(150)
+def test_dp2_pp2_equals_the_single_process_engine_with_twice_the_microbatch(tmp_path):
+    K, R = 2, 2
+    spec = {"out": str(tmp_path), "cases": DP_CASES, "dp": R}
+    result = launch_worker("cases", spec, K * R, tmp_path, dp=R, deadline=140)
+    assert result.returncode == 0, result.message
+    for c, cs in enumerate(DP_CASES):
+        ref = single_reference(cs | {"batch": R * cs["batch"]})
+        got = [torch.load(tmp_path / f"case{c}-rank{r}.pt") for r in range(K * R)]
+        # replica 0 of every stage (rank = stage * R + replica) against the single process
+        merged = {}
+        for k in range(K):
+            merged.update(got[k * R]["state"])
+        assert_close_states(merged, ref["state"], what=str(cs))
+        # the replicas of a stage hold the same weights and the same weight history, bit for bit
+        for k in range(K):
+            for j in range(1, R):
+                a, b = got[k * R], got[k * R + j]
+                for name in a["state"]:
+                    assert torch.equal(a["state"][name], b["state"][name]), (cs, k, j, name)
+                assert repr(a["history"]) == repr(b["history"]), (cs, k, j)
+        # the global microbatch loss is the replicas' losses weighted by their shares (the
+        # weights are those of the last epoch)
+        last = [got[(K - 1) * R + j] for j in range(R)]
+        m = len(last[0]["loss_weights"])
+        losses = [sum(w * l for w, l in zip(ws, ls)) for ws, ls in
+                  zip(zip(*[g["loss_weights"] for g in last]), zip(*[g["losses"][-m:] for g in last]))]
+        assert len(losses) == m == 8
+        assert losses == pytest.approx(ref["losses"][-len(losses):], rel=1e-5)
+        assert last[0]["loss_weights"][-1] == pytest.approx(2 / 3) and last[1]["loss_weights"][-1] == pytest.approx(1 / 3)
+        # test evaluation on replica 0's pipeline only
+        assert last[0]["test"][0] == pytest.approx(ref["test"][0], rel=1e-5) and last[1]["test"] is None
+        assert got[0]["stats"]["test_accuracy"] == ref["test"][1]
+        assert got[0]["tick"] == ref["tick"]
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_replica_stops_the_run_naming_stage_and_replica(tmp_path):
+    start = time.monotonic()
+    # rank 2 = stage 1 replica 0 dies without a word in the middle of the first epoch
+    result = launch_worker("train", train_spec(tmp_path / "run", 2, dp=2, timeout=30), 4, tmp_path,
+                           env={"LAYERPIPE_FAULT": "2:exit:5"}, grace=10, dp=2)
+    assert result.returncode == 1
+    # the launcher's line, or (if a peer's report came first) the failure the peers recorded
+    assert result.message in ("stage 1 replica 0 exited with code 3 without reporting an error",
+                              "stage 1 replica 0 is gone: its connection closed (the process crashed or was killed)"), \
+        result.message
+    # its replica (all-reduce) and its upstream neighbour (messages) noticed at once, not after
+    # the 30 s timeout, and every process left by itself
+    assert result.codes[2] == 3 and [result.codes[r] for r in (0, 1, 3)] == [2, 2, 2], result.codes
+    assert time.monotonic() - start < 25
+
+
+@pytest.mark.timeout(90)
+def test_a_raising_replica_is_named_by_its_mesh_coordinates(tmp_path):
+    result = launch_worker("train", train_spec(tmp_path / "run", 2, dp=2, timeout=30), 4, tmp_path,
+                           env={"LAYERPIPE_FAULT": "3:raise:4"}, grace=10, dp=2)
+    assert result.returncode == 1
+    assert result.message == "stage 1 replica 1 failed: RuntimeError: injected fault at tick 4", result.message
+    assert result.codes == [2, 2, 2, 2], result.codes

@@ -85,3 +85,68 @@ def test_a_raising_replica_is_named_by_its_mesh_coordinates(tmp_path):
     assert result.returncode == 1
     assert result.message == "stage 1 replica 1 failed: RuntimeError: injected fault at tick 4", result.message
     assert result.codes == [2, 2, 2, 2], result.codes
+
+
+# -- checkpoints: one file per stage, written by replica 0, read by every replica -------------------------
+def _load(path):
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.timeout(400)
+def test_checkpoints_resume_exactly_and_reshard_over_replicas(tmp_path):
+    # 64 samples, global microbatch 8 (2 x 4, or 1 x 8): 8 microbatches + a drain of 2 ticks per
+    # epoch, so tick 25 is in the third epoch, after the checkpoint of epoch 2
+    dp2 = {"epochs": 3, "batch_size": 4}
+    dp1 = {"epochs": 3, "batch_size": 8}
+    whole_dir = tmp_path / "whole"
+    whole = launch_worker("train", train_spec(whole_dir, 2, dp=2, config=dp2, checkpoint_every=1,
+                                              save=str(tmp_path / "whole.pt")), 4, tmp_path, dp=2, deadline=150)
+    assert whole.returncode == 0, whole.message
+    marker = json.loads((whole_dir / "checkpoint.json").read_text())
+    assert (marker["stages"], marker["dp"], marker["world_size"], marker["epoch"]) == (2, 2, 4, 3)
+    assert marker["files"] == ["checkpoint-stage0-epoch3.pt", "checkpoint-stage1-epoch3.pt"]
+    want = _load(tmp_path / "whole.pt")
+
+    # export: one plain state_dict that the single-process model loads, equal to the run's weights
+    out = subprocess.run([sys.executable, "-m", "layerpipe", "export", str(whole_dir), "--out",
+                          str(tmp_path / "model.pt")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    model = make_model("mlp")
+    model.load_state_dict(_load(tmp_path / "model.pt"))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, want[name]), name
+
+    # killed after the checkpoint of epoch 2 (stage 1 replica 0), resumed at R = 2: bit for bit
+    run = tmp_path / "killed"
+    killed = launch_worker("train", train_spec(run, 2, dp=2, config=dp2, checkpoint_every=1), 4, tmp_path,
+                           env={"LAYERPIPE_FAULT": "2:exit:25"}, grace=10, dp=2, deadline=150)
+    assert killed.returncode == 1 and "stage 1 replica 0" in killed.message, killed.message
+    assert json.loads((run / "checkpoint.json").read_text())["epoch"] == 2
+    shutil.copytree(run, tmp_path / "reshard")
+    resumed = launch_worker("train", train_spec(run, 2, dp=2, config=dp2, resume=True, checkpoint_every=1,
+                                                save=str(tmp_path / "resumed.pt")), 4, tmp_path, dp=2, deadline=150)
+    assert resumed.returncode == 0, resumed.message
+    got = _load(tmp_path / "resumed.pt")
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+    # the same checkpoint resumed with R = 1 (same global microbatch): equal to 1e-5
+    reshard = launch_worker("train", train_spec(tmp_path / "reshard", 2, config=dp1, resume=True,
+                                                save=str(tmp_path / "reshard.pt")), 2, tmp_path, deadline=120)
+    assert reshard.returncode == 0, reshard.message
+    assert_close_states(_load(tmp_path / "reshard.pt"), want, what="R=2 -> 1")
+
+    # and the reverse: saved with R = 1, resumed with R = 2
+    r1 = tmp_path / "r1"
+    killed1 = launch_worker("train", train_spec(r1, 2, config=dp1, checkpoint_every=1), 2, tmp_path,
+                            env={"LAYERPIPE_FAULT": "1:exit:25"}, grace=10, deadline=120)
+    assert killed1.returncode == 1
+    assert json.loads((r1 / "checkpoint.json").read_text())["dp"] == 1
+    up = launch_worker("train", train_spec(r1, 2, dp=2, config=dp2, resume=True, save=str(tmp_path / "up.pt")),
+                       4, tmp_path, dp=2, deadline=150)
+    assert up.returncode == 0, up.message
+    assert_close_states(_load(tmp_path / "up.pt"), want, what="R=1 -> 2")
+    # a different global microbatch is refused with one line
+    bad = launch_worker("train", train_spec(r1, 2, dp=2, config=dp1, resume=True), 4, tmp_path, dp=2, deadline=120)
+    assert bad.returncode == 1 and "global microbatch=8 (1 x 8; now 2 x 8)" in bad.message, bad.message

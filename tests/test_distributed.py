@@ -252,8 +252,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[1:]]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     # only the last two checkpoints stay on disk
-    assert sorted(p.name for p in run.glob("checkpoint-rank0-*.pt")) == ["checkpoint-rank0-epoch2.pt",
-                                                                        "checkpoint-rank0-epoch3.pt"]
+    assert sorted(p.name for p in run.glob("checkpoint-stage0-*.pt")) == ["checkpoint-stage0-epoch2.pt",
+                                                                        "checkpoint-stage0-epoch3.pt"]
 
 
 # -- the command line: `layerpipe train --nproc 2` ---------------------------------------------------------

@@ -162,9 +162,10 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
             record_epoch(result, metrics, epoch, stats.train_loss, stats.test_loss, stats.test_accuracy,
                          seconds, peak_history)
         if run_path and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
-            save_checkpoint(run_path, engine.rank, engine.world_size, epoch + 1,
+            save_checkpoint(run_path, engine.stage_index, engine.stage_files, epoch + 1,
                             {"config": config.to_dict(), "engine": engine.state_dict(), "rng": torch.get_rng_state(),
-                             "history": result.history if main else []}, engine.gather)
+                             "history": result.history if main else []}, engine.gather,
+                            writer=engine.replica == 0, dp=engine.dp)
         if on_epoch is not None and main:
             on_epoch(result.history[-1])
     if not trained:  # nothing left to train (resumed at the end): evaluate anyway
@@ -184,7 +185,7 @@ def _resume(engine: Engine, config: TrainConfig, run_path: Path | None, result: 
     """Load the committed checkpoint into the engine; the epoch to continue from."""
     if run_path is None:
         raise LayerpipeError("--resume needs a run folder")
-    state = load_checkpoint(run_path, engine.rank, engine.world_size, config)
+    state = load_checkpoint(run_path, engine.stage_index, engine.stage_files, config, engine.dp)
     engine.load_state_dict(state["engine"])
     result.history = list(state["history"])
     torch.set_rng_state(state["rng"])  # dropout masks continue as they would have

@@ -361,7 +361,8 @@ def render_dp(args, rows, samples) -> str:
         f"- samples/s: median of the clean rounds (no worker's compute thread off a CPU over {100 * CLEAN:.0f}% of "
         f"the window); ! marks a row without a clean round (best round shown)",
         f"- command: `.venv/bin/python benchmarks/distributed_throughput.py --dp-only"
-        f"{' --quick' if args.quick else ''} --rounds {args.rounds} --save`",
+        f"{' --quick' if args.quick else ''} --weights {args.weights} --width {args.width} --layers {args.layers} "
+        f"--batch {args.batch} --microbatches {args.microbatches} --warmup {args.warmup} --rounds {args.rounds} --save`",
         "",
         "| configuration | samples/s | vs (a) 1 process | rounds: samples/s (preempted) |",
         "|---|---:|---:|---|",

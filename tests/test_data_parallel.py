@@ -150,3 +150,39 @@ def test_checkpoints_resume_exactly_and_reshard_over_replicas(tmp_path):
     # a different global microbatch is refused with one line
     bad = launch_worker("train", train_spec(r1, 2, dp=2, config=dp1, resume=True), 4, tmp_path, dp=2, deadline=120)
     assert bad.returncode == 1 and "global microbatch=8 (1 x 8; now 2 x 8)" in bad.message, bad.message
+
+
+@pytest.mark.timeout(150)
+def test_cli_dp_gives_the_single_process_result_with_the_global_microbatch(tmp_path):
+    from test_distributed import CLI_ARGS, run_cli
+
+    from layerpipe.training import TrainConfig, train
+
+    out = run_cli([*CLI_ARGS, "--nproc", "4", "--stages", "2", "--dp", "2", "--batch-size", "32", "--json",
+                   "--run-dir", str(tmp_path / "dist")])
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.splitlines()[-1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = train(TrainConfig(model="mlp", dataset="digits", samples=300, epochs=2, weights="stash", stages="2",
+                                 batch_size=64), run_dir=tmp_path / "single", progress=False).summary()
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("test_accuracy", "weight_history_bytes", "stash_bytes", "parameter_bytes", "stages", "delays"):
+        assert got[key] == want[key], key
+    assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-5)
+    records = [json.loads(line) for line in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()[1:]]
+    single = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[1:]]
+    assert [r["train_loss"] for r in records] == pytest.approx([r["train_loss"] for r in single], rel=1e-5)
+
+
+@pytest.mark.timeout(90)
+def test_a_frozen_replica_is_named_after_the_timeout(tmp_path):
+    # stage 1 replica 1 hangs: its replica waits in the gradient all-reduce, its upstream
+    # neighbour for a gradient; both time out, follow "waits for" and name the frozen one
+    result = launch_worker("train", train_spec(tmp_path / "run", 2, dp=2, timeout=4), 4, tmp_path,
+                           env={"LAYERPIPE_FAULT": "3:hang:5"}, grace=12, dp=2)
+    assert result.returncode == 1
+    assert result.message.startswith("stage 1 replica 1 sent nothing for 4 s"), result.message
+    assert result.codes == [2, 2, 2, 2], result.codes

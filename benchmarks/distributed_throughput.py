@@ -16,6 +16,11 @@ microbatch size, samples per second of
       same two stages and microbatch size, M = 4 and 8 microbatches per step (a flush per
       step: bubble (K-1)/(M+K-1))
 
+With `--dp-only`: data parallelism x pipelining side by side with plain training, K x R = 2
+processes: (c) K=2 stages x R=1 (the pipeline), (e) K=1 stage x R=2 replicas (data parallel
+only: each replica takes b samples of a global microbatch of 2b, gradients all-reduced over
+gloo before every update), against (a) plain training on one core and (a) x 2.
+
 Rounds interleave the measurements (a b c d, a b c d, ...), so that drift hits every row
 alike. The machine may be shared: each worker also records how long its compute thread sat
 ready to run but off the CPU (Linux schedstat), and the table uses the clean rounds only (at
@@ -130,12 +135,13 @@ def run_distributed(cfg: dict) -> dict | None:
     from layerpipe.plan import sequential_spec
 
     torch.set_num_threads(1)
-    comm = Comm(World.from_env(), timeout=120)
+    pp, dp = cfg.get("pp", 2), cfg.get("dp", 1)
+    comm = Comm(World.from_env(), timeout=120, dp=dp)
     model = make_model(cfg["width"], cfg["layers"])
-    n, b = cfg["microbatches"], cfg["batch"]
+    n, b = cfg["microbatches"], cfg["batch"] * dp  # global microbatches of R x b
     x, y = make_data(n * b)
     strategy, schedule = resolve_strategy(cfg["weights"], "layerpipe")
-    worker = StageWorker(comm, model, sequential_spec(model, 2, schedule), weights=strategy, optimizer=optimizer,
+    worker = StageWorker(comm, model, sequential_spec(model, pp, schedule), weights=strategy, optimizer=optimizer,
                          loss_fn=F.cross_entropy, sample=x[:2])
     order = [torch.arange(i * b, (i + 1) * b) for i in range(n)]
     worker.run_epoch(x, y, order[: cfg["warmup"]])
@@ -271,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-malloc-rows", dest="malloc_rows", action="store_false",
                    help="skip the second table (glibc malloc tuned as the --nproc launcher does)")
     p.add_argument("--save", action="store_true", help="write benchmarks/results/distributed-<date>.md")
+    p.add_argument("--dp-only", action="store_true",
+                   help="only the data-parallel comparison: K=1 x R=2 and K=2 x R=1 against plain training "
+                        "(written to distributed-dp-<date>.md with --save)")
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -282,7 +291,16 @@ def main(argv: list[str] | None = None) -> int:
                 warmup=args.warmup, threads=1)
     strategies = [w for w in args.weights.split(",") if w]
     rows: dict[str, tuple[str, str, int, dict]] = {}
-    for tuned in ((False, True) if args.malloc_rows else (False,)):
+    if args.dp_only:
+        cfg = dict(base, malloc=True)  # the --nproc launcher's allocator settings, for every row
+        rows["a1"] = ("(a) plain training, 1 process, 1 thread", "plain", 1, dict(cfg))
+        rows["a1x2"] = ("(a) x 2: two independent plain trainings at once, total (the 2-core ceiling)", "plain2", 2,
+                        dict(cfg))
+        for w in strategies:
+            rows[f"c-{w}"] = (f"(c) K=2 stages x R=1, weights={w}", "distributed", 2, dict(cfg, weights=w, pp=2, dp=1))
+            rows[f"e-{w}"] = (f"(e) K=1 stage x R=2 replicas, weights={w}", "distributed", 2,
+                              dict(cfg, weights=w, pp=1, dp=2))
+    for tuned in ((False, True) if args.malloc_rows and not args.dp_only else (False,) if not args.dp_only else ()):
         t = "-malloc" if tuned else ""
         cfg = dict(base, malloc=tuned)
         rows[f"a1{t}"] = ("(a) plain training, 1 thread", "plain", 1, dict(cfg))
@@ -308,16 +326,51 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
         if args.clean and all(sum(o <= CLEAN for _, o in v) >= args.clean for v in samples.values()):
             break
-    report = render(args, rows, samples, strategies)
+    report = render_dp(args, rows, samples) if args.dp_only else render(args, rows, samples, strategies)
     print(report)
     if args.save:
         import datetime as _dt
 
-        path = ROOT / "benchmarks" / "results" / f"distributed-{_dt.date.today().isoformat()}.md"
+        name = "distributed-dp" if args.dp_only else "distributed"
+        path = ROOT / "benchmarks" / "results" / f"{name}-{_dt.date.today().isoformat()}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(report)
         print(f"saved {path}", file=sys.stderr)
     return 0
+
+
+def render_dp(args, rows, samples) -> str:
+    """The --dp-only table: median of the clean rounds (best round, marked !, without one)."""
+    from layerpipe.report.records import environment
+
+    env = environment()
+    med, flag = {}, {}
+    for k, v in samples.items():
+        clean = sorted(sps for sps, o in v if o <= CLEAN)
+        med[k] = clean[len(clean) // 2] if clean else max(sps for sps, _ in v)
+        flag[k] = "" if clean else " !"
+    lines = [
+        "# Data parallelism x pipelining: throughput on 2 processes (K x R = 2)",
+        "",
+        f"- date: {env['date']}; commit: {env['commit']}; torch {env['torch']}; Python {env['python']}",
+        f"- machine: {env['processor']}, {env['cpus']} CPUs (KVM guest), shared with other engineers' jobs while this "
+        f"ran: the numbers are noisy; every worker on 1 thread; gloo on loopback; malloc tuned as `--nproc` does",
+        f"- model: MLP 256 -> {args.width} x {args.layers} layers (ReLU) -> 10; SGD momentum 0.9 (fused); "
+        f"microbatch b = {args.batch} per replica (R=2: global microbatch {2 * args.batch}); "
+        f"{args.microbatches} microbatches per timed epoch after {args.warmup} warm-up",
+        f"- samples/s: median of the clean rounds (no worker's compute thread off a CPU over {100 * CLEAN:.0f}% of "
+        f"the window); ! marks a row without a clean round (best round shown)",
+        f"- command: `.venv/bin/python benchmarks/distributed_throughput.py --dp-only"
+        f"{' --quick' if args.quick else ''} --weights {args.weights} --width {args.width} --layers {args.layers} "
+        f"--batch {args.batch} --microbatches {args.microbatches} --warmup {args.warmup} --rounds {args.rounds} --save`",
+        "",
+        "| configuration | samples/s | vs (a) 1 process | rounds: samples/s (preempted) |",
+        "|---|---:|---:|---|",
+    ]
+    for key, (label, *_rest) in rows.items():
+        lines.append(f"| {label} | {med[key]:.1f}{flag[key]} | {med[key] / med['a1']:.2f}x | "
+                     f"{', '.join(f'{v:.0f} ({100 * o:.0f}%)' for v, o in samples[key])} |")
+    return "\n".join(lines) + "\n"
 
 
 def render(args, rows, samples, strategies) -> str:

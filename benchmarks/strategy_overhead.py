@@ -5,8 +5,11 @@ holds for weight history relative to |W|, side by side in one run.
 
 Models: the MNIST-1D 1-D CNN of the zoo (batch 32) and a wider MLP (8 blocks of 512 units,
 batch 64), each at K = 2, 4, 8 stages (capped at one layer per stage). Measurements are
-interleaved round-robin (sync, stash, ema, ... then again) and the median of the repeats is
-reported, so that a noisy neighbour affects all strategies alike. Targets (issue 3): ema at
+interleaved round-robin (plain, sync, stash, ema, ... then again) and the median of the
+repeats is reported, so that a noisy neighbour affects all strategies alike. `plain` is
+the same model trained by a plain PyTorch loop (one forward, one backward, one optimizer),
+the yardstick under `sync` (the engine's synchronous schedule). `--clock cpu` measures the
+process's CPU time instead of wall time (steadier when other jobs share the cores). Targets (issue 3): ema at
 most 1.15x sync's time, stash at most 1.3x; ema holds at most |W|, stash about (K-1)|W|.
 """
 from __future__ import annotations
@@ -24,7 +27,8 @@ from torch import nn
 from layerpipe import Pipeline
 from layerpipe.report.records import environment
 
-STRATEGIES = ("sync", "stash", "ema", "latest", "extrapolate", "momentum")
+STRATEGIES = ("plain", "sync", "stash", "ema", "latest", "extrapolate", "momentum")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def wide_mlp() -> nn.Sequential:
@@ -47,7 +51,29 @@ def batch_for(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return example_input("cnn1d", n), torch.randint(0, 10, (n,))
 
 
-def time_ticks(make_model, name: str, stages: int, weights: str, ticks: int, batch: int) -> tuple[float, int, int]:
+def time_plain(make_model, name: str, ticks: int, batch: int, clock) -> float:
+    """Seconds per step of plain PyTorch training of the same model."""
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    data = [batch_for(name, batch) for _ in range(8)]
+
+    def step(i: int) -> None:
+        x, y = data[i % 8]
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for i in range(10):
+        step(i)
+    start = clock()
+    for i in range(ticks):
+        step(i)
+    return (clock() - start) / ticks
+
+
+def time_ticks(make_model, name: str, stages: int, weights: str, ticks: int, batch: int,
+               clock=time.perf_counter) -> tuple[float, int, int]:
     torch.manual_seed(0)
     model = make_model()
     k = min(stages, len(model))
@@ -57,10 +83,10 @@ def time_ticks(make_model, name: str, stages: int, weights: str, ticks: int, bat
     warm = 2 * k + 2  # fill the pipeline first
     for i in range(warm):
         pipe.step(*data[i % 8])
-    start = time.perf_counter()
+    start = clock()
     for i in range(ticks):
         pipe.step(*data[i % 8])
-    seconds = (time.perf_counter() - start) / ticks
+    seconds = (clock() - start) / ticks
     return seconds, pipe.weight_history_bytes(), pipe.parameter_bytes()
 
 
@@ -69,14 +95,21 @@ def main() -> int:
     p.add_argument("--ticks", type=int, default=60)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--depths", default="2,4,8")
+    p.add_argument("--clock", default="wall", choices=tuple(CLOCKS), help="wall (default) or cpu (process CPU time)")
+    p.add_argument("--models", default="cnn1d,mlp-512")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="also write the report to this Markdown file")
     args = p.parse_args()
     env = environment()
-    models = {"cnn1d": (cnn1d, 32), "mlp-512": (wide_mlp, 64)}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
+    models = {n: m for n, m in {"cnn1d": (cnn1d, 32), "mlp-512": (wide_mlp, 64)}.items() if n in args.models.split(",")}
     lines = [
-        "# Weight-strategy overhead: time per tick vs sync, weight history vs |W|",
+        "# Weight-strategy overhead: time per tick vs sync (and plain PyTorch), weight history vs |W|",
         "",
-        f"Command: `python benchmarks/strategy_overhead.py --ticks {args.ticks} --repeats {args.repeats}`",
+        f"Command: `python benchmarks/strategy_overhead.py --ticks {args.ticks} --repeats {args.repeats} "
+        f"--depths {args.depths} --clock {args.clock} --threads {args.threads}`",
         f"Machine: {env['processor']}, {env['cpus']} CPUs, {env['torch_threads']} torch threads; "
         f"torch {env['torch']}, python {env['python']}; date {env['date']}; commit {env['commit']}",
         "",
@@ -91,7 +124,11 @@ def main() -> int:
             held: dict[str, float] = {}
             for _ in range(args.repeats):
                 for w in STRATEGIES:
-                    sec, hist, params = time_ticks(make, name, depth, w, args.ticks, batch)
+                    if w == "plain":
+                        samples[w].append(time_plain(make, name, args.ticks, batch, clock))
+                        held[w] = 0.0
+                        continue
+                    sec, hist, params = time_ticks(make, name, depth, w, args.ticks, batch, clock)
                     samples[w].append(sec)
                     held[w] = hist / params
             med = {w: statistics.median(v) for w, v in samples.items()}
@@ -100,6 +137,9 @@ def main() -> int:
             row = (f"| {name} | {k} | {','.join(map(str, sizes))} | "
                    + " | ".join(f"{med[w] / med['sync']:.3f}x" for w in STRATEGIES) + " | "
                    + " | ".join(f"{held[w]:.2f}" for w in STRATEGIES) + f" | {1000 * med['sync']:.2f} |")
+            plain_row = f"|   (vs plain) | | | " + " | ".join(f"{med[w] / med['plain']:.3f}x" for w in STRATEGIES) + " |"
+            lines.append(plain_row)
+            print(plain_row, flush=True)
             lines.append(row)
             print(row, flush=True)
     report = "\n".join(lines) + "\n"

@@ -60,7 +60,7 @@ def single_reference(case: dict) -> dict:
 
 def _single_reference(case, Pipeline, epoch_order, evaluate) -> dict:
 
-    model, data = make_model(case["model"]), make_data()
+    model, data = make_model(case["model"]), make_data(n=case.get("n", 58))
     pipe = Pipeline(model, stages=case["stages"], weights=case["weights"], optimizer=OPTIMIZERS[case["opt"]],
                     loss_fn=F.cross_entropy, schedule=case["schedule"])
     losses = []
@@ -84,21 +84,23 @@ def worker_cases(spec: dict) -> None:
 
     torch.set_num_threads(1)
     world = World.from_env()
-    comm = Comm(world, timeout=spec.get("timeout", 30), staging=spec.get("staging"))
+    dp = spec.get("dp", 1)
+    comm = Comm(world, timeout=spec.get("timeout", 30), staging=spec.get("staging"), dp=dp)
     out = Path(spec["out"])
     for c, case in enumerate(spec["cases"]):
-        model, data = make_model(case["model"]), make_data()
+        model, data = make_model(case["model"]), make_data(n=case.get("n", 58))
         strategy, schedule = resolve_strategy(case["weights"], case["schedule"])
         worker = StageWorker(comm, model, sequential_spec(model, case["stages"], schedule), weights=strategy,
                              optimizer=OPTIMIZERS[case["opt"]], loss_fn=F.cross_entropy, sample=data.x_train[:2])
         losses = []
         for epoch in range(case["epochs"]):
-            order = epoch_order(len(data.x_train), case["batch"], 0, epoch)
+            order = epoch_order(len(data.x_train), case["batch"] * dp, 0, epoch)  # global microbatches
             losses += [float(v) for v in worker.run_epoch(data.x_train, data.y_train, order)]
         test = worker.evaluate(data.x_test, data.y_test)
         stats = worker.epoch_stats([], test)
         torch.save({"state": worker.module.state_dict(), "losses": losses, "test": test, "tick": worker.tick,
-                    "stats": vars(stats) if stats else None, "stages": worker.stage_sizes, "delays": worker.delays},
+                    "stats": vars(stats) if stats else None, "stages": worker.stage_sizes, "delays": worker.delays,
+                    "loss_weights": worker.loss_weights, "history": worker.stage.state_dict()["strategy"]},
                    out / f"case{c}-rank{comm.rank}.pt")
     comm.close()
 
@@ -121,7 +123,7 @@ def worker_train(spec: dict) -> None:
         result = train(config, run_dir=spec["run_dir"], progress=False, save=spec.get("save"),
                        checkpoint_every=spec.get("checkpoint_every", 0), resume=spec.get("resume", False),
                        distributed={"timeout": spec.get("timeout", 30), "builder": build_synthetic,
-                                    "forced_exit": lambda msg: os._exit(2)})
+                                    "forced_exit": lambda msg: os._exit(2), "dp": spec.get("dp", 1)})
     except LayerpipeError as exc:
         report_failure(str(exc))
         os._exit(2)
@@ -131,14 +133,14 @@ def worker_train(spec: dict) -> None:
 
 # -- test side ---------------------------------------------------------------------------------------------
 def launch_worker(mode: str, spec: dict, nproc: int, tmp_path: Path, env: dict | None = None, deadline: float = 90,
-                  grace: float = 1.0):
+                  grace: float = 1.0, dp: int = 1):
     from layerpipe.cli.launch import launch
 
     spec_path = tmp_path / f"spec-{mode}-{time.monotonic_ns()}.json"
     spec_path.write_text(json.dumps(spec))
     child_env = dict(os.environ, **(env or {}))
     return launch([sys.executable, str(HERE), mode, str(spec_path)], nproc, env=child_env,
-                  threads_per_process=1, deadline=deadline, grace=grace)
+                  threads_per_process=1, deadline=deadline, grace=grace, dp=dp)
 
 
 def merged_state(out: Path, c: int, nproc: int) -> dict:
@@ -250,8 +252,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[1:]]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     # only the last two checkpoints stay on disk
-    assert sorted(p.name for p in run.glob("checkpoint-rank0-*.pt")) == ["checkpoint-rank0-epoch2.pt",
-                                                                        "checkpoint-rank0-epoch3.pt"]
+    assert sorted(p.name for p in run.glob("checkpoint-stage0-*.pt")) == ["checkpoint-stage0-epoch2.pt",
+                                                                        "checkpoint-stage0-epoch3.pt"]
 
 
 # -- the command line: `layerpipe train --nproc 2` ---------------------------------------------------------

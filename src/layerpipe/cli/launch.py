@@ -88,6 +88,7 @@ def launch(
     grace: float = 1.0,
     kill_after: float = 5.0,
     deadline: float | None = None,
+    dp: int = 1,
 ) -> LaunchResult:
     """Run `cmd` as `nproc` ranks and wait for them. On the first failure the others get
     `grace` seconds to leave by themselves (the failure ripples through the pipeline in
@@ -99,7 +100,8 @@ def launch(
     tick frees and reallocates tensors of megabytes (activations, gradients, weight
     copies); by default glibc hands such blocks back to the OS and page-faults them in again
     (measured: a third of a 2-stage MLP tick on this CPU). Memory then stays at its
-    steady-state peak instead of shrinking between ticks."""
+    steady-state peak instead of shrinking between ticks. `dp`: replicas per stage (R), only
+    to name a child in the report ("stage 1 replica 0"; rank = stage * R + replica)."""
     import torch.distributed as dist
 
     start = time.monotonic()
@@ -124,7 +126,7 @@ def launch(
                     for key in MALLOC_ENV:
                         child_env.setdefault(key, str(1 << 30))
                 procs.append(subprocess.Popen(cmd, env=child_env))
-            failed = _watch(procs, deadline=None if deadline is None else start + deadline)
+            failed = _watch(procs, deadline=None if deadline is None else start + deadline, dp=dp)
             if failed is None:
                 return LaunchResult(0, "", [p.returncode for p in procs], time.monotonic() - start)
             rank, why = failed
@@ -192,7 +194,7 @@ def die_with_parent(ignore_sigint: bool = False) -> None:
         os._exit(1)  # the parent died before prctl took effect
 
 
-def _watch(procs: list[subprocess.Popen], deadline: float | None) -> tuple[int, str] | None:
+def _watch(procs: list[subprocess.Popen], deadline: float | None, dp: int = 1) -> tuple[int, str] | None:
     """Wait until every child succeeded (None) or one failed: (rank, how it ended)."""
     while True:
         running = False
@@ -201,7 +203,8 @@ def _watch(procs: list[subprocess.Popen], deadline: float | None) -> tuple[int, 
             if code is None:
                 running = True
             elif code != 0:
-                return rank, f"stage {rank} {_how(code)} without reporting an error"
+                name = f"stage {rank // dp} replica {rank % dp}" if dp > 1 else f"stage {rank}"
+                return rank, f"{name} {_how(code)} without reporting an error"
         if not running:
             return None
         if deadline is not None and time.monotonic() > deadline:

@@ -15,7 +15,7 @@ from layerpipe.errors import LayerpipeError
 
 # name -> module under layerpipe.cli; a module that is missing is skipped (lazy import keeps
 # `layerpipe plan` fast: it never imports torch.distributed)
-SUBCOMMANDS = ("plan", "train", "compare", "env", "simulate", "launch")
+SUBCOMMANDS = ("plan", "train", "compare", "env", "simulate", "export", "launch")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -301,4 +301,8 @@ def run(args: argparse.Namespace) -> int:
             raise LayerpipeError(f"cannot write {args.json}: {exc.strerror or exc}") from None
         print(f"results written to {args.json}", file=sys.stderr)
     print(render_table(results, args.weights, batch=batch, samples_factor=args.samples_factor))
+    if args.replicas > 1:  # the table is one replica's pipeline; the replicas run side by side
+        print(f"data parallelism: {args.replicas} replicas of the pipeline (K x {args.replicas} devices); samples/s "
+              f"above is one replica's, each update including its all-reduce: the whole run does "
+              f"{args.replicas} x that.")
     return 0

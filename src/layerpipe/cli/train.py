@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=None, metavar="K",
                    help="run K local processes, one stage each (gloo on 127.0.0.1); --stages defaults to K. "
                         "`torchrun --nproc-per-node K -m layerpipe train ...` works as well")
+    p.add_argument("--dp", type=int, default=1, metavar="R",
+                   help="data-parallel replicas of every stage: the run has K x R processes (--nproc K*R or "
+                        "torchrun), rank = stage * R + replica; --batch-size is per replica (default 1)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="distributed runs: seconds a stage waits for another before the run stops (default 60)")
     p.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
@@ -62,8 +65,16 @@ def run(args: argparse.Namespace) -> int:
     if world is not None and nproc is not None and nproc != world.world_size:
         raise LayerpipeError(f"--nproc {nproc} disagrees with WORLD_SIZE={world.world_size} set by the launcher")
     distributed = world is not None or nproc is not None
+    dp = int(getattr(args, "dp", 1) or 1)
+    if dp < 1:
+        raise LayerpipeError(f"--dp must be at least 1, got {dp}")
+    if dp > 1 and not distributed:
+        raise LayerpipeError("--dp R needs K x R processes: --nproc K*R, or torchrun")
+    processes = world.world_size if world is not None else nproc
+    if distributed and processes % dp:
+        raise LayerpipeError(f"--dp {dp} does not divide the {processes} processes (K stages x R replicas)")
     if getattr(args, "stages", None) is None:
-        args.stages = str(world.world_size if world is not None else nproc or 4)
+        args.stages = str(processes // dp if distributed else 4)
     config = config_from_args(args)
     if args.resume and not args.run_dir:
         raise LayerpipeError("--resume needs --run-dir (the folder of the run to continue)")
@@ -76,10 +87,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.json and rank0:
         print(f"training {config.model} in stages {config.stages} with weights={config.weights} "
               f"(schedule {config.schedule}, {config.epochs} epochs"
-              f"{f', {nproc or world.world_size} processes' if distributed else ''}) -> {run_dir}", flush=True)
+              f"{f', {nproc or world.world_size} processes' if distributed else ''}"
+              f"{f', {dp} replicas per stage' if dp > 1 else ''}) -> {run_dir}", flush=True)
     options = None
     if distributed:
-        options = {"timeout": args.timeout, "backend": args.backend, "forced_exit": _leave_now}
+        options = {"timeout": args.timeout, "backend": args.backend, "forced_exit": _leave_now, "dp": dp}
     on_epoch = None if args.json or not rank0 else print_epoch
     try:
         with signals_as_interrupt(enabled=not distributed):  # children: SIGTERM's default, at once
@@ -151,12 +163,13 @@ def _launch(args: argparse.Namespace, config, run_dir: Path) -> int:
     from layerpipe.cli.launch import WORKER_ARGS_ENV, launch
     from layerpipe.plan import parse_stages
 
-    check_stage_count(parse_stages(config.stages), args.nproc)
+    dp = int(getattr(args, "dp", 1) or 1)
+    check_stage_count(parse_stages(config.stages), args.nproc, dp=dp)
     worker_args = {k: v for k, v in vars(args).items() if k != "run"}
     worker_args["run_dir"] = str(run_dir)  # one folder for all, chosen here
     worker_args["overwrite"] = False  # done here already
     env = dict(os.environ, **{WORKER_ARGS_ENV: json.dumps(worker_args)})
-    result = launch([sys.executable, "-m", "layerpipe.cli.train"], args.nproc, env=env)
+    result = launch([sys.executable, "-m", "layerpipe.cli.train"], args.nproc, env=env, dp=dp)
     if result.returncode:
         raise LayerpipeError(result.message)
     return 0

@@ -173,6 +173,9 @@ class Stage:
     def _index_params(self) -> None:
         self._storage_index = {p.untyped_storage().data_ptr(): i for i, p in enumerate(self.params)}
         self._param_index = {id(p): i for i, p in enumerate(self.params)}
+        # a cast copy has another dtype than its parameter: tensors of the parameters' own
+        # dtypes skip the (costlier) cast check in the pack hook
+        self._param_dtypes = {p.dtype for p in self.params}
 
     def link_tied(self, owners: Mapping[int, Stage], tied: TiedGrads, owned_tied: Sequence[nn.Parameter]) -> None:
         """Read the tied parameters owned by other stages (`owners`: id(param) -> owner stage)
@@ -203,6 +206,8 @@ class Stage:
         i = self._storage_index.get(t.untyped_storage().data_ptr())
         if i is not None:
             return _ParamRef(i, t.size(), t.stride(), t.storage_offset() - self.params[i].storage_offset())
+        if t.dtype in self._param_dtypes or not t.is_floating_point():
+            return t
         # autocast's copy of a parameter (or a view of one): its grad_fn is the cast, and
         # the cast's only input is the parameter's gradient accumulator
         base = t._base if t._base is not None else t
@@ -248,7 +253,11 @@ class Stage:
         version = self.strategy.record_forward()
         foreign = tuple(s.record_forward() for s, _ in self._foreign) if self._foreign else ()
         predicted = self.forward_context() if self.forward_context is not None else nullcontext()
-        with predicted, torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+        # no update can come between a forward and its backward when the delay is 0 (sync,
+        # the last stage): autograd's own saved tensors are then exact, and cost no hook calls
+        hooks = (torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+                 if self.delay > 0 or self._foreign else nullcontext())
+        with predicted, hooks:
             if self._autocast is None:
                 out = self._run(args, kwargs, target)
             else:

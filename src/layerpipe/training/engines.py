@@ -35,6 +35,12 @@ class Engine(Protocol):
 
     rank: int
     world_size: int
+    #: this process's stage, its replica (data parallelism), the replicas per stage R, and how
+    #: many stage files a checkpoint has (1 for the local engine: its file holds every stage)
+    stage_index: int
+    replica: int
+    dp: int
+    stage_files: int
     stage_sizes: list[int]
     delays: list[int]
     #: parameter bytes of every stage of the pipeline (all processes)
@@ -88,6 +94,7 @@ class LocalEngine:
     """Every stage in this process: `engine.single.Pipeline`."""
 
     rank, world_size = 0, 1
+    stage_index, replica, dp, stage_files = 0, 0, 1, 1
 
     def __init__(self, model: nn.Module, config: TrainConfig, loss_fn, *, split_points: Sequence[str] | None = None,
                  example_inputs: Any = None) -> None:
@@ -163,8 +170,13 @@ def stage_device(device: str, world: World) -> torch.device:
     return d
 
 
-def check_stage_count(stages: int | list[int] | None, world_size: int, num_layers: int | None = None) -> None:
-    """The number of stages must equal the number of processes."""
+def check_stage_count(stages: int | list[int] | None, world_size: int, num_layers: int | None = None,
+                      dp: int = 1) -> None:
+    """The number of stages times the replicas per stage (`dp`) must equal the number of processes."""
+    if dp < 1:
+        raise PlanError(f"--dp must be at least 1, got {dp}")
+    if world_size % dp:
+        raise PlanError(f"the run has {world_size} processes, not a multiple of --dp {dp} (K stages x R replicas)")
     if isinstance(stages, int):
         count = stages
     elif stages is None:
@@ -173,43 +185,51 @@ def check_stage_count(stages: int | list[int] | None, world_size: int, num_layer
         count = num_layers
     else:
         count = len(stages)
-    if count != world_size:
+    if count * dp != world_size:
+        if dp > 1:
+            raise PlanError(f"--stages gives {count} stages x --dp {dp} replicas = {count * dp} processes but the run "
+                            f"has {world_size}; they must be equal")
         raise PlanError(f"--stages gives {count} stages but the run has {world_size} processes; they must be equal")
 
 
 class DistributedEngine:
-    """This process's stage of a run with one process per stage: `engine.distributed.StageWorker`."""
+    """This process's stage of a run with one process per stage (times R replicas with data
+    parallelism): `engine.distributed.StageWorker`."""
 
     def __init__(self, comm: Comm, worker: StageWorker) -> None:
         self.comm, self.worker = comm, worker
         self.rank, self.world_size = comm.rank, comm.world_size
-        if worker is None:  # failed while building its stage: only `fail` is called
-            self.stage_sizes, self.delays, self.stage_parameter_bytes = [], [], []
-            return
-        self.stage_sizes, self.delays = worker.stage_sizes, worker.delays
-        self.stage_parameter_bytes = worker.stage_parameter_bytes
+        self.stage_index, self.replica, self.dp = comm.stage_index, comm.replica, comm.layout.dp
+        self.stage_files = comm.layout.num_stages
+        if worker is not None:
+            self.stage_sizes, self.delays = worker.stage_sizes, worker.delays
+            self.stage_parameter_bytes = worker.stage_parameter_bytes
 
     @classmethod
     def start(cls, config: TrainConfig, model: nn.Module, data, loss_fn, world: World, device: torch.device,
               *, timeout: float = 60.0, backend: str = "auto", staging: bool | None = None,
-              forced_exit: Callable[[str], None] | None = None, split_points: Sequence[str] | None = None,
+              forced_exit: Callable[[str], None] | None = None, dp: int = 1, split_points: Sequence[str] | None = None,
               example_inputs: Any = None) -> DistributedEngine:
-        """Join the run and keep this process's stage of `model` (built on the CPU). A model
-        given `split_points` or `example_inputs` is cut by `layerpipe.split` (see `Pipeline`)."""
+        """Join the run and keep this process's stage of `model` (built on the CPU). `dp`:
+        replicas of every stage (R); the run then has K x R processes. A model given
+        `split_points` or `example_inputs` is cut by `layerpipe.split` (see `Pipeline`)."""
+        dp = int(dp)
         split = split_points is not None or example_inputs is not None
         if split:
             check_stage_count(len(split_points) + 1 if split_points is not None else parse_stages(config.stages),
-                              world.world_size)
+                              world.world_size, None, dp)
         else:
-            check_stage_count(parse_stages(config.stages), world.world_size, len(model))
+            check_stage_count(parse_stages(config.stages), world.world_size, len(model), dp)
         try:
             comm = Comm(world, device=device, timeout=timeout, backend=backend, staging=staging,
-                        forced_exit=forced_exit)
+                        forced_exit=forced_exit, dp=dp)
         except LayerpipeError:
             raise
         except Exception as exc:  # the store or the process group could not be set up in time
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise StageFailure(f"stage {world.rank} could not join the run: {text}", world.rank, local=True) from None
+            name = f"stage {world.rank // dp} replica {world.rank % dp}" if dp > 1 else f"stage {world.rank}"
+            raise StageFailure(f"{name} could not join the run: {text}", world.rank // dp, local=True,
+                               replica=world.rank % dp, rank=world.rank) from None
         try:
             strategy, schedule = resolve_strategy(config.weights, config.schedule)
             if split:  # every process cuts the same model on the same example inputs
@@ -230,7 +250,7 @@ class DistributedEngine:
         return [self.worker.stage.optimizer]
 
     def local_delays(self) -> list[int]:
-        return [self.delays[self.rank]]
+        return [self.delays[self.stage_index]]
 
     def run_epoch(self, x: Tensor, y: Tensor, order: Sequence[Tensor], on_microbatch=None) -> list[Tensor]:
         return self.worker.run_epoch(x, y, order, on_forward=on_microbatch)
@@ -257,7 +277,9 @@ class DistributedEngine:
         self.worker.load_state_dict(state)
 
     def model_state(self) -> dict[str, Tensor] | None:
-        states = self.comm.gather_objects({k: v.detach().cpu() for k, v in self.worker.model_state_dict().items()})
+        """The whole model's state_dict on rank 0: replica 0 of every stage."""
+        mine = {k: v.detach().cpu() for k, v in self.worker.model_state_dict().items()} if self.replica == 0 else {}
+        states = self.comm.gather_objects(mine)
         if states is None:
             return None
         merged: dict[str, Tensor] = {}
@@ -272,7 +294,7 @@ class DistributedEngine:
     def fail(self, exc: BaseException) -> BaseException:
         """Record `exc` as the run's failure and let go of the others; the exception to raise."""
         if isinstance(exc, KeyboardInterrupt):
-            self.comm.monitor.record(f"stage {self.rank} was interrupted", self.rank, local=True)
+            self.comm.monitor.record(f"{self.comm.monitor.name(self.rank)} was interrupted", self.rank, local=True)
             self.comm.abandon()
             return exc
         failure = self.comm.monitor.fail_local(exc)

@@ -109,8 +109,10 @@ def train(
     from the last one and ends with the weights an uninterrupted run would have.
     `on_epoch(record)` is called after each epoch's record (and checkpoint), on the main
     process. `distributed`: options of the distributed engine (timeout, backend, staging,
-    forced_exit, world, builder); under torchrun it is used even when None. `custom`: the
-    user's model and data instead of the zoo's (see `engines.CustomModel`).
+    forced_exit, world, builder, dp); under torchrun it is used even when None. `{"dp": R}`:
+    R data-parallel replicas of every stage (K x R processes; `config.batch_size` is per
+    replica, the global microbatch R x batch_size). `custom`: the user's model and data
+    instead of the zoo's (see `engines.CustomModel`).
     """
     start = time.perf_counter()
     if config.threads:
@@ -169,14 +171,15 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
     for record in result.history if metrics else []:
         metrics.write(record)
     # stage 0 reads the inputs and the last stage the labels: only they need them on the device
-    x_train = to_device(data.x_train, device) if engine.rank == 0 else data.x_train
-    y_train = to_device(data.y_train, device) if engine.rank == engine.world_size - 1 else data.y_train
+    x_train = to_device(data.x_train, device) if engine.stage_index == 0 else data.x_train
+    y_train = to_device(data.y_train, device) if engine.stage_index == len(engine.stage_sizes) - 1 else data.y_train
     stats, trained = None, False
     for epoch in range(first_epoch, config.epochs):
         trained = True
         epoch_start = time.perf_counter()
         set_lr(engine.optimizers(), engine.local_delays(), epoch_lr(config, epoch), config.stage_lr)
-        order = epoch_order(num_samples(data.x_train), config.batch_size, config.seed, epoch)
+        # the global microbatches (R x batch_size with R replicas; each replica takes its slice)
+        order = epoch_order(num_samples(data.x_train), config.batch_size * engine.dp, config.seed, epoch)
         bar = _progress_bar(len(order), f"epoch {epoch + 1}/{config.epochs}", progress and main)
         try:
             losses = engine.run_epoch(x_train, y_train, order, bar.update if bar else None)
@@ -190,9 +193,10 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
             record_epoch(result, metrics, epoch, stats.train_loss, stats.test_loss, stats.test_accuracy,
                          seconds, peak_history)
         if run_path and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
-            save_checkpoint(run_path, engine.rank, engine.world_size, epoch + 1,
+            save_checkpoint(run_path, engine.stage_index, engine.stage_files, epoch + 1,
                             {"config": config.to_dict(), "engine": engine.state_dict(), "rng": torch.get_rng_state(),
-                             "history": result.history if main else []}, engine.gather)
+                             "history": result.history if main else []}, engine.gather,
+                            writer=engine.replica == 0, dp=engine.dp)
         if on_epoch is not None and main:
             on_epoch(result.history[-1])
     if not trained:  # nothing left to train (resumed at the end): evaluate anyway
@@ -212,7 +216,7 @@ def _resume(engine: Engine, config: TrainConfig, run_path: Path | None, result: 
     """Load the committed checkpoint into the engine; the epoch to continue from."""
     if run_path is None:
         raise LayerpipeError("--resume needs a run folder")
-    state = load_checkpoint(run_path, engine.rank, engine.world_size, config)
+    state = load_checkpoint(run_path, engine.stage_index, engine.stage_files, config, engine.dp)
     if int(state["epoch"]) > config.epochs:
         raise LayerpipeError(f"the checkpoint in {run_path} is at epoch {state['epoch']}, past --epochs {config.epochs}: "
                              f"nothing to train (resume with --epochs {state['epoch']} to report it, or more to continue)")
@@ -228,7 +232,9 @@ def _resume(engine: Engine, config: TrainConfig, run_path: Path | None, result: 
 def _agree(engine: Engine, first_epoch: int) -> int:
     """Every process must agree on the plan and the epoch; returns (on the main process) the
     weight-history bytes held at the start."""
-    plans = engine.gather((engine.stage_sizes, engine.delays, first_epoch, engine.history_bytes()))
+    # history bytes of one replica's pipeline (the replicas hold the same)
+    plans = engine.gather((engine.stage_sizes, engine.delays, first_epoch,
+                           engine.history_bytes() if engine.replica == 0 else 0))
     if plans is None:
         return 0
     if len({repr(p[:3]) for p in plans}) != 1:

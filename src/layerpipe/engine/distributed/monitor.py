@@ -33,19 +33,24 @@ class StageFailure(DistributedError):
     """A stage of a distributed run failed. `stage` names the stage at fault (None: unknown);
     `local` is True in the process where the failure started."""
 
-    def __init__(self, message: str, stage: int | None = None, local: bool = False) -> None:
+    def __init__(self, message: str, stage: int | None = None, local: bool = False,
+                 replica: int | None = None, rank: int | None = None) -> None:
         super().__init__(message)
         self.stage = stage
         self.local = local
+        #: with data parallelism: the replica of `stage` at fault, and its global rank
+        self.replica, self.rank = replica, rank
 
 
-def _encode(message: str, stage: int | None) -> str:
-    return json.dumps({"stage": stage, "message": message})
+def _encode(message: str, stage: int | None, replica: int | None = None, rank: int | None = None) -> str:
+    return json.dumps({"stage": stage, "replica": replica, "rank": rank, "message": message})
 
 
 def _decode(text: str) -> StageFailure:
     data = json.loads(text)
-    return StageFailure(str(data["message"]), data["stage"])
+    failure = StageFailure(str(data["message"]), data["stage"])
+    failure.replica, failure.rank = data.get("replica"), data.get("rank")
+    return failure
 
 
 class FailureMonitor:
@@ -53,6 +58,7 @@ class FailureMonitor:
 
     Args:
         rank, world_size: this process's place.
+        layout: the mesh (`transport.MeshLayout`); None: one process per stage, rank = stage.
         ctl: the run's control store (a PrefixStore), used by the compute thread.
         monitor_ctl: a second connection to it for the monitor thread.
         timeout: the run's timeout in seconds (for blame).
@@ -61,8 +67,12 @@ class FailureMonitor:
     """
 
     def __init__(self, rank: int, world_size: int, ctl: Any, monitor_ctl: Any, timeout: float,
-                 forced_exit: Callable[[str], None] | None = None) -> None:
+                 forced_exit: Callable[[str], None] | None = None,
+                 layout: Any = None) -> None:
         self.rank, self.world_size, self.ctl, self.timeout = rank, world_size, ctl, timeout
+        #: the mesh (`transport.MeshLayout`): rank -> (stage, replica) and its name in failure
+        #: lines ("stage k", or "stage k replica j" with data parallelism)
+        self.layout = layout
         self.failure: StageFailure | None = None
         #: (peer, since) while the compute thread is blocked on a peer
         self.waiting: tuple[int, float] | None = None
@@ -72,16 +82,27 @@ class FailureMonitor:
         self._thread = threading.Thread(target=self._loop, name=f"layerpipe-monitor-{rank}", daemon=True)
         self._thread.start()
 
+    def name(self, rank: int | None) -> str:
+        return self.layout.describe(rank) if self.layout is not None else f"stage {rank}"
+
+    def coords(self, rank: int | None) -> tuple[int | None, int | None]:
+        """(stage, replica) of `rank` in the mesh."""
+        if rank is None or self.layout is None:
+            return rank, (None if rank is None else 0)
+        return self.layout.coords(rank)
+
     def check(self) -> None:
         """Raise the recorded failure of a peer or of a send, if any."""
         if self.failure is not None:
             raise self.failure
 
     # -- recording -----------------------------------------------------------------------------
-    def record(self, message: str, stage: int | None, local: bool) -> StageFailure:
-        """Record this failure as the run's unless another came first; return the failure this
-        process should raise (the first one recorded)."""
-        mine = _encode(message, stage)
+    def record(self, message: str, rank: int | None, local: bool) -> StageFailure:
+        """Record this failure (of process `rank`; None: unknown) as the run's unless another
+        came first; return the failure this process should raise (the first one recorded).
+        Stored as data: the mesh coordinates of `rank` and the line."""
+        stage, replica = self.coords(rank)
+        mine = _encode(message, stage, replica, rank)
         try:
             first = self.ctl.compare_set("error", "", mine).decode() or mine
         except Exception:  # the store is gone too
@@ -89,7 +110,7 @@ class FailureMonitor:
             first = mine
         if first != mine:
             return _decode(first)
-        return StageFailure(message, stage, local=local)
+        return StageFailure(message, stage, local=local, replica=replica, rank=rank)
 
     def fail_local(self, exc: BaseException) -> StageFailure:
         """This stage raised `exc`: record it as the run's failure."""
@@ -98,7 +119,7 @@ class FailureMonitor:
         text = str(exc) or type(exc).__name__
         if not isinstance(exc, LayerpipeError):  # an unexpected error: name its type
             text = f"{type(exc).__name__}: {text}"
-        failure = self.record(f"stage {self.rank} failed: {text}", self.rank, local=True)
+        failure = self.record(f"{self.name(self.rank)} failed: {text}", self.rank, local=True)
         self.failure = self.failure or failure
         return failure
 
@@ -112,12 +133,27 @@ class FailureMonitor:
         failure = self.recorded(wait=1.0)
         if failure is None:
             if missing:
-                failure = self.record(f"stage {missing[0]} did not arrive at {what}", missing[0], local=False)
+                failure = self.record(f"{self.name(missing[0])} did not arrive at {what}", missing[0], local=False)
             else:
                 text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                failure = self.record(f"{what} failed on stage {self.rank}: {text}", None, local=False)
+                failure = self.record(f"{what} failed on {self.name(self.rank)}: {text}", None, local=False)
         self.failure = self.failure or failure
         return failure
+
+    def group_failed(self, peers: list[int], exc: BaseException) -> StageFailure:
+        """The gradient all-reduce over this stage's replicas failed: blame the peer whose
+        heartbeat stopped (or the first one), as for a failed message."""
+        suspect = peers[0] if peers else self.rank
+        for peer in peers:
+            try:
+                stamp = float(self.ctl.get(f"status/{peer}").decode().split()[0])
+            except Exception:
+                suspect = peer
+                break
+            if time.time() - stamp > STALE_S:
+                suspect = peer
+                break
+        return self.peer_failed(suspect, exc)
 
     def recorded(self, wait: float = 0.0) -> StageFailure | None:
         """The run's recorded failure, waiting up to `wait` seconds for one to appear."""
@@ -140,10 +176,10 @@ class FailureMonitor:
         if "timed out" in text or "timeout" in text:
             message, stage = self._blame(peer)
         elif "closed" in text or "reset" in text or "broken pipe" in text:
-            stage, message = peer, f"stage {peer} is gone: its connection closed (the process crashed or was killed)"
+            stage, message = peer, f"{self.name(peer)} is gone: its connection closed (the process crashed or was killed)"
         else:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            stage, message = peer, f"the link to stage {peer} failed: {first}"
+            stage, message = peer, f"the link to {self.name(peer)} failed: {first}"
         log.debug("rank %d: %s (%s)", self.rank, message, exc)
         return self.record(message, stage, local=False)
 
@@ -157,14 +193,14 @@ class FailureMonitor:
             try:
                 stamp, waiting_on, since = (float(v) for v in self.ctl.get(f"status/{stage}").decode().split())
             except Exception:
-                return f"stage {stage} sent nothing for {self.timeout:g} s and has no status (see --timeout)", stage
+                return f"{self.name(stage)} sent nothing for {self.timeout:g} s and has no status (see --timeout)", stage
             now = time.time()
             if now - stamp > STALE_S:
-                return (f"stage {stage} is not responding: no heartbeat for {now - stamp:.0f} s "
+                return (f"{self.name(stage)} is not responding: no heartbeat for {now - stamp:.0f} s "
                         f"(stopped or frozen; see --timeout)"), stage
             nxt = int(waiting_on)
             if nxt < 0 or nxt in seen or now - since < self.timeout / 2:
-                return f"stage {stage} sent nothing for {self.timeout:g} s: it is alive but stuck (see --timeout)", stage
+                return f"{self.name(stage)} sent nothing for {self.timeout:g} s: it is alive but stuck (see --timeout)", stage
             stage = nxt
 
     # -- the monitor thread ----------------------------------------------------------------------

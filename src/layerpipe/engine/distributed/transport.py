@@ -18,6 +18,12 @@ What gloo does on loopback (measured, torch 2.13), and what this module makes of
   ("Connection closed by peer"); a failing stage therefore records its error in the store
   and leaves at once, and the failure ripples down the pipeline within milliseconds.
 
+Data parallelism (`dp` R > 1): the K x R processes form a 2-D
+`torch.distributed.device_mesh.DeviceMesh` with dims ("pp", "dp"), built right after
+`init_process_group`; rank = stage * R + replica (see `MeshLayout`). Point-to-point messages
+go between the same replica of neighbouring stages; `all_reduce_async` sums a flat gradient
+bucket over the stage's "dp" group.
+
 Failures are the business of `monitor.FailureMonitor` (one per process, `comm.monitor`). The
 store belongs to the launcher (`--nproc`) or torchrun's agent, so it survives any stage;
 without either, rank 0 hosts it.
@@ -113,6 +119,39 @@ def choose_backend(device: torch.device, requested: str, world: World) -> tuple[
     return "gloo", cuda
 
 
+class MeshLayout:
+    """Where each rank sits in the (pp, dp) grid: rank -> (stage, replica), and back.
+
+    Read from the `DeviceMesh` when there is one (`mesh.mesh`, a K x R tensor of ranks), else
+    the same layout without one: rank = stage * R + replica. Failure lines describe a rank
+    with it ("stage 1 replica 0"; "stage 1" when R = 1, as before data parallelism)."""
+
+    def __init__(self, world_size: int, dp: int = 1, mesh: Any = None) -> None:
+        if dp < 1 or world_size % dp:
+            raise DistributedError(f"the world size {world_size} is not a multiple of --dp {dp}")
+        grid = mesh.mesh.cpu() if mesh is not None else torch.arange(world_size).view(world_size // dp, dp)
+        self.grid = grid.view(-1, dp)
+        self.num_stages, self.dp = int(self.grid.shape[0]), dp
+        self._coords = {int(r): (k, j) for k, row in enumerate(self.grid.tolist()) for j, r in enumerate(row)}
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """(stage, replica) of `rank`."""
+        return self._coords[rank]
+
+    def rank(self, stage: int, replica: int) -> int:
+        return int(self.grid[stage, replica])
+
+    def replicas(self, stage: int) -> list[int]:
+        """The ranks of the stage's "dp" group."""
+        return [int(r) for r in self.grid[stage].tolist()]
+
+    def describe(self, rank: int | None) -> str:
+        if rank is None or rank not in self._coords:
+            return f"rank {rank}"
+        k, j = self._coords[rank]
+        return f"stage {k}" if self.dp == 1 else f"stage {k} replica {j}"
+
+
 @dataclass
 class Pending:
     """A posted receive: its work handle, its buffer, and where it comes from."""
@@ -133,6 +172,7 @@ class Comm:
         backend: `auto`, `gloo` or `nccl` (see `choose_backend`).
         staging: force CPU copies of messages (the CUDA-with-gloo path), e.g. to test it.
         forced_exit: see `FailureMonitor`.
+        dp: data-parallel replicas of every stage (R); the world size must be K x R.
     """
 
     def __init__(
@@ -144,8 +184,10 @@ class Comm:
         backend: str = "auto",
         staging: bool | None = None,
         forced_exit: Callable[[str], None] | None = None,
+        dp: int = 1,
     ) -> None:
         self.world = world
+        self.layout = MeshLayout(world.world_size, dp)  # checked before any connection
         self.rank, self.world_size = world.rank, world.world_size
         self.device = torch.device(device)
         self.timeout = float(timeout)
@@ -168,9 +210,19 @@ class Comm:
         )
         self._closed = False
         self._collectives = 0
+        #: the (pp, dp) DeviceMesh when dp > 1; the stage's "dp" group
+        self.mesh, self.dp_group = None, None
+        if dp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(self.device.type, (world.world_size // dp, dp), mesh_dim_names=("pp", "dp"))
+            self.layout = MeshLayout(world.world_size, dp, self.mesh)
+            self.dp_group = self.mesh.get_group("dp")
+        self.stage_index, self.replica = self.layout.coords(self.rank)
         monitor_store = self._connect_store(client=True) if world.world_size > 1 else store
         self.monitor = FailureMonitor(self.rank, self.world_size, self.ctl,
-                                      dist.PrefixStore(world.prefix + "ctl", monitor_store), self.timeout, forced_exit)
+                                      dist.PrefixStore(world.prefix + "ctl", monitor_store), self.timeout, forced_exit,
+                                      layout=self.layout)
         self._sends: queue.Queue = queue.Queue()
         self._sender = threading.Thread(target=self._send_loop, name=f"layerpipe-send-{self.rank}", daemon=True)
         self._sender.start()
@@ -255,6 +307,38 @@ class Comm:
         """Wait until every send so far has completed (each within the timeout)."""
         self._sends.join()
         self.check()
+
+    # -- data parallelism: the stage's gradient all-reduce ------------------------------------------
+    def all_reduce_async(self, bucket: Tensor) -> Any:
+        """Start summing `bucket` (in place) over this stage's replicas; returns the work
+        handle for `wait_all_reduce`. Issued right after the backward, awaited just before
+        the update, so it overlaps with sending the input gradient back."""
+        self.check()
+        t = bucket.cpu() if self.staging else bucket
+        try:
+            work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group, async_op=True)
+        except Exception as exc:
+            raise self.monitor.group_failed(self._dp_peers(), exc) from None
+        return work, t, bucket
+
+    def wait_all_reduce(self, handle: Any) -> Tensor:
+        """The summed bucket (at most `timeout` seconds); a failure names the replica at fault."""
+        work, t, bucket = handle
+        self.check()
+        peers = self._dp_peers()
+        self.monitor.waiting = (peers[0], time.time())
+        try:
+            work.wait(self._td)
+        except Exception as exc:
+            raise self.monitor.group_failed(peers, exc) from None
+        finally:
+            self.monitor.waiting = None
+        if t is not bucket:
+            bucket.copy_(t)
+        return bucket
+
+    def _dp_peers(self) -> list[int]:
+        return [r for r in self.layout.replicas(self.stage_index) if r != self.rank]
 
     # -- collectives and control ----------------------------------------------------------------
     def _collective(self, what: str, run: Callable[[], Any]) -> Any:

@@ -38,6 +38,18 @@ processes (tied embeddings) are refused with a `PlanError` (not supported yet).
 
 Not the same numbers as one process: models that draw random numbers in the forward pass
 (dropout): each process has its own random stream.
+
+Data parallelism (`Comm(..., dp=R)`, R > 1): rank = stage * R + replica. Every replica of a
+stage runs the same tick program on its slice of each global microbatch (`idx[j::R]`, as
+DistributedSampler splits), talking only to the same replica of the neighbouring stages.
+After each backward the stage's weight gradients, weighted by n_j / N (the replica's share of
+the microbatch, so that the sum is the gradient of the global mean loss even for the last,
+smaller microbatch), go into one flat bucket per dtype, whose `all_reduce` (sum over the
+stage's "dp" group) is started at once and awaited just before the update: it overlaps with
+sending the input gradient back. The updates are then identical on every replica, and so is
+the weight history (stash versions, EMA buffers), with no further communication. BatchNorm
+running statistics stay per replica (as DDP without SyncBatchNorm); replica 0's are the ones
+evaluated and saved. Evaluation runs on replica 0's pipeline only.
 """
 from __future__ import annotations
 
@@ -140,11 +152,15 @@ class StageWorker:
         split: SplitModel | None = None,
     ) -> None:
         self.comm = comm
-        self.rank, self.num_stages = comm.rank, comm.world_size
+        layout = comm.layout
+        #: stage index, replica index and the replicas per stage (R); `rank` is the stage index
+        self.rank, self.replica, self.dp = comm.stage_index, comm.replica, layout.dp
+        self.num_stages = layout.num_stages
         if spec.num_stages != self.num_stages:
+            extra = f" x {self.dp} replicas" if self.dp > 1 else ""
             raise PlanError(
-                f"the pipeline has {spec.num_stages} stages but the run has {self.num_stages} processes; "
-                "they must be equal (one stage per process)"
+                f"the pipeline has {spec.num_stages} stages but the run has {self.num_stages} stages of processes"
+                f"{extra}; they must be equal (one stage per process)"
             )
         self.spec = spec
         self.stage_sizes, self.delays = list(spec.stage_sizes), list(spec.delays)
@@ -164,12 +180,17 @@ class StageWorker:
         k = self.rank
         self.module = modules[k].to(device if device is not None else comm.device)  # shares the layers
         self.is_first, self.is_last = k == 0, k == self.num_stages - 1
+        # the same replica of the neighbouring stages
+        self.prev = layout.rank(k - 1, self.replica) if k > 0 else None
+        self.next = layout.rank(k + 1, self.replica) if k < self.num_stages - 1 else None
+        #: per microbatch of the last epoch: this replica's share n_j / N of the global microbatch
+        self.loss_weights: list[float] = []
         (self.stage,) = build_stages(modules, spec, weights, optimizer, loss_fn, weight_options, only=k,
                                      compensation=compensation)
         self.loss_fn = loss_fn
         self.tick = 0
         self.next_mb = 0
-        self._fault = _parse_fault(os.environ.get(FAULT_ENV), k)
+        self._fault = _parse_fault(os.environ.get(FAULT_ENV), comm.rank)
         log.info("rank %d: stage %d of %s, delay %d, weights %s", k, k, self.stage_sizes, self.delays[k], weights)
 
     # -- shapes of messages ----------------------------------------------------------------------
@@ -192,11 +213,22 @@ class StageWorker:
         on_forward: Callable[[], None] | None = None,
     ) -> list[Tensor]:
         """Train on the microbatches `x[idx], y[idx]` for idx in `order`, then drain. Stage 0
-        needs `x`, the last stage `y`. Returns the last stage's losses (empty elsewhere)."""
-        if self.split is not None:
-            return self._run_epoch_split(x, y, order, on_forward)
+        needs `x`, the last stage `y`. Returns the last stage's losses (empty elsewhere).
+        With R replicas, `order` holds the global microbatches; this replica takes `idx[j::R]`."""
         comm, stage, timing = self.comm, self.stage, self.timing
         k, last = self.rank, self.num_stages - 1
+        R, j_rep = self.dp, self.replica
+        if R > 1:
+            short = [len(idx) for idx in order if len(idx) < R]
+            if short:
+                raise LayerpipeError(f"a microbatch of {short[0]} sample(s) cannot be split over {R} replicas; "
+                                     "change --batch-size or --samples")
+            self.loss_weights = [len(idx[j_rep::R]) / len(idx) for idx in order]
+            order = [idx[j_rep::R] for idx in order]
+        else:
+            self.loss_weights = [1.0] * len(order)
+        if self.split is not None:
+            return self._run_epoch_split(x, y, order, on_forward)
         n = len(order)
         sizes = [len(idx) for idx in order]
         base = self.next_mb
@@ -215,7 +247,7 @@ class StageWorker:
             if k > 0:
                 i = timing.forward(k - 1, t, n)
                 if i is not None:
-                    acts[t] = comm.post_recv(k - 1, (sizes[i], *in_shape), in_dtype, ACT)
+                    acts[t] = comm.post_recv(self.prev, (sizes[i], *in_shape), in_dtype, ACT)
             # 2. forward
             i = timing.forward(k, t, n)
             if i is not None:
@@ -224,22 +256,25 @@ class StageWorker:
                 if k == last:
                     losses.append(out)
                 else:
-                    comm.send(k + 1, out, ACT)
+                    comm.send(self.next, out, ACT)
                 if on_forward is not None:
                     on_forward()
             if grad_out:
                 j = timing.backward(k + 1, t, n)
                 if j is not None:
-                    grads[t] = comm.post_recv(k + 1, (sizes[j], *out_shape), out_dtype, GRAD)
+                    grads[t] = comm.post_recv(self.next, (sizes[j], *out_shape), out_dtype, GRAD)
             # 3. backward and update
             j = timing.backward(k, t, n)
             if j is not None:
                 g = comm.wait(grads.pop(t - timing.gradient_slack(k))) if grad_out else None
                 g_in = stage.backward(base + j, g)
+                reduce = self._start_gradient_reduce(self.loss_weights[j]) if R > 1 else None
                 if grad_in:
                     if g_in is None:  # the input did not reach the output
                         g_in = torch.zeros((sizes[j], *in_shape), dtype=in_dtype, device=comm.device)
-                    comm.send(k - 1, g_in, GRAD)
+                    comm.send(self.prev, g_in, GRAD)
+                if reduce is not None:
+                    self._finish_gradient_reduce(reduce)
                 stage.update()
             self.tick += 1
         self.next_mb += n
@@ -247,15 +282,41 @@ class StageWorker:
             raise RuntimeError(f"stage {k}: the epoch ended with messages or microbatches left over")
         return losses
 
+    # -- data parallelism: one flat bucket per dtype, all-reduced while the gradient goes back ---------
+    def _start_gradient_reduce(self, weight: float) -> list[tuple[list[Tensor], Any]]:
+        """Weight this replica's gradients by its share n_j / N, flatten them into one bucket
+        per dtype and start summing the buckets over the stage's replicas. Parameters without
+        a gradient (not reached) are left out; every replica has the same graph, so the same."""
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for p in self.stage.params:
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p)
+        started = []
+        for params in by_dtype.values():
+            bucket = torch.cat([p.grad.reshape(-1) for p in params]).mul_(weight)
+            started.append((params, self.comm.all_reduce_async(bucket)))
+        return started
+
+    def _finish_gradient_reduce(self, started: list[tuple[list[Tensor], Any]]) -> None:
+        for params, handle in started:
+            bucket = self.comm.wait_all_reduce(handle)
+            offset = 0
+            for p in params:
+                n = p.grad.numel()
+                p.grad.copy_(bucket[offset : offset + n].view_as(p.grad))
+                offset += n
+
     # -- evaluation: a pipelined forward of the test set ---------------------------------------------
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor, batch_size: int = 512) -> tuple[float, float] | None:
         """`train.evaluate` of the whole model, pipelined: (mean loss, accuracy) on the last
         stage, None elsewhere. Same batches, same sums, same numbers. Stage 0 reads `x`, the
-        last stage `y`; the others only their lengths."""
+        last stage `y`; the others only their lengths. Replica 0's pipeline only."""
+        comm, k, last = self.comm, self.rank, self.num_stages - 1
+        if self.replica != 0:
+            return None
         if self.split is not None:
             return self._evaluate_split(x, y, batch_size)
-        comm, k, last = self.comm, self.rank, self.num_stages - 1
         num = len(x)
         starts = list(range(0, num, batch_size))
         in_shape, in_dtype = self._input_spec()
@@ -269,18 +330,18 @@ class StageWorker:
                 m = min(batch_size, num - s)
                 if k > 0:
                     if pending is None:
-                        pending = comm.post_recv(k - 1, (m, *in_shape), in_dtype, EVAL)
+                        pending = comm.post_recv(self.prev, (m, *in_shape), in_dtype, EVAL)
                     current = pending
                     pending = None
                     if c + 1 < len(starts):  # post the next receive before computing this one
                         m2 = min(batch_size, num - starts[c + 1])
-                        pending = comm.post_recv(k - 1, (m2, *in_shape), in_dtype, EVAL)
+                        pending = comm.post_recv(self.prev, (m2, *in_shape), in_dtype, EVAL)
                     h = comm.wait(current)
                 else:
                     h = x[s : s + m].to(device)
                 out = self.module(h)
                 if k < last:
-                    comm.send(k + 1, out, EVAL)
+                    comm.send(self.next, out, EVAL)
                 else:
                     yb = y[s : s + m].to(device)
                     total_loss += float(self.loss_fn(out, yb)) * m
@@ -299,7 +360,8 @@ class StageWorker:
     def _run_epoch_split(self, x: Any, y: Any, order: Sequence[Tensor],
                          on_forward: Callable[[], None] | None) -> list[Tensor]:
         """`run_epoch` when boundaries carry several tensors: the same tick program, one
-        message per value (activations), one per value that needs a gradient (gradients)."""
+        message per value (activations), one per value that needs a gradient (gradients).
+        `order` is already this replica's share (see `run_epoch`)."""
         comm, stage, timing = self.comm, self.stage, self.timing
         k, last = self.rank, self.num_stages - 1
         n = len(order)
@@ -320,7 +382,7 @@ class StageWorker:
             if k > 0:
                 i = timing.forward(k - 1, t, n)
                 if i is not None:
-                    acts[t] = self._post_values(k - 1, ins, sizes[i], ACT)
+                    acts[t] = self._post_values(self.prev, ins, sizes[i], ACT)
             # 2. forward
             i = timing.forward(k, t, n)
             if i is not None:
@@ -333,13 +395,13 @@ class StageWorker:
                     losses.append(out)
                 else:
                     for v in out:
-                        comm.send(k + 1, v, ACT)
+                        comm.send(self.next, v, ACT)
                 if on_forward is not None:
                     on_forward()
             if grad_outs:
                 j = timing.backward(k + 1, t, n)
                 if j is not None:
-                    grads[t] = self._post_values(k + 1, [outs[i] for i in grad_outs], sizes[j], GRAD)
+                    grads[t] = self._post_values(self.next, [outs[i] for i in grad_outs], sizes[j], GRAD)
             # 3. backward and update
             j = timing.backward(k, t, n)
             if j is not None:
@@ -351,11 +413,14 @@ class StageWorker:
                         full[i] = v
                     g = tuple(full)
                 g_in = stage.backward(base + j, g)
+                reduce = self._start_gradient_reduce(self.loss_weights[j]) if self.dp > 1 else None
                 for i in grad_ins:
                     v = g_in[i] if g_in is not None else None
                     if v is None:  # the input did not reach the output
                         v = torch.zeros(_shape(ins[i], sizes[j]), dtype=ins[i].dtype, device=comm.device)
-                    comm.send(k - 1, v, GRAD)
+                    comm.send(self.prev, v, GRAD)
+                if reduce is not None:
+                    self._finish_gradient_reduce(reduce)
                 stage.update()
             self.tick += 1
         self.next_mb += n
@@ -379,17 +444,17 @@ class StageWorker:
             for c, s in enumerate(starts):
                 m = min(batch_size, num - s)
                 if k > 0:
-                    current = pending if pending is not None else self._post_values(k - 1, ins, m, EVAL)
+                    current = pending if pending is not None else self._post_values(self.prev, ins, m, EVAL)
                     pending = None
                     if c + 1 < len(starts):  # post the next receives before computing this one
-                        pending = self._post_values(k - 1, ins, min(batch_size, num - starts[c + 1]), EVAL)
+                        pending = self._post_values(self.prev, ins, min(batch_size, num - starts[c + 1]), EVAL)
                     out = self.module(*(comm.wait(p) for p in current))
                 else:
                     args, kwargs = as_call(to_device(take(x, slice(s, s + m)), device))
                     out = self.module(*args, **kwargs)
                 if k < last:
                     for v in out:
-                        comm.send(k + 1, v, EVAL)
+                        comm.send(self.next, v, EVAL)
                 else:
                     yb = to_device(take(y, slice(s, s + m)), device)
                     total_loss += float(self.loss_fn(out, yb)) * m
@@ -413,22 +478,33 @@ class StageWorker:
         return {name: v for name, v in self.split.model.state_dict().items() if users.get(name, [0])[0] == k}
 
     def epoch_stats(self, losses: list[Tensor], test: tuple[float, float] | None) -> EpochStats | None:
-        """Send this stage's numbers to rank 0; rank 0 returns the whole pipeline's."""
+        """Send this process's numbers to rank 0; rank 0 returns the whole pipeline's: the
+        train loss over every replica of the last stage (each microbatch's losses weighted by
+        the replicas' shares, so it is the mean loss of the global microbatches), the test
+        numbers of replica 0's pipeline, the history bytes of one replica's pipeline."""
         comm, k, last = self.comm, self.rank, self.num_stages - 1
-        mine = [float(self.stage.history_bytes()), float("nan"), float("nan"), float("nan")]
+        mine = [float(self.stage.history_bytes()) if self.replica == 0 else 0.0, float("nan"), float("nan"),
+                float("nan")]
         if k == last:
-            mine[1] = float(torch.stack(losses).mean()) if losses else float("nan")
-            mine[2], mine[3] = test
-        if k > 0:
+            if losses and self.dp == 1:
+                mine[1] = float(torch.stack(losses).mean())
+            elif losses:
+                w = torch.tensor(self.loss_weights[: len(losses)], dtype=torch.float64)
+                mine[1] = float((torch.stack(losses).double().cpu() * w).sum() / len(losses))
+            if test is not None:
+                mine[2], mine[3] = test
+        if comm.rank > 0:
             comm.send(0, torch.tensor(mine, dtype=torch.float64), STATS)
             return None
         rows = [mine]
-        posted = [comm.post_recv(r, (4,), torch.float64, STATS) for r in range(1, self.num_stages)]
+        posted = [comm.post_recv(r, (4,), torch.float64, STATS) for r in range(1, comm.world_size)]
         rows += [comm.wait(p).cpu().tolist() for p in posted]
+        lasts = self.comm.layout.replicas(last)
+        test_row = rows[lasts[0]]
         return EpochStats(
-            train_loss=rows[-1][1],
-            test_loss=rows[-1][2],
-            test_accuracy=rows[-1][3],
+            train_loss=sum(rows[r][1] for r in lasts) if self.dp > 1 else rows[lasts[0]][1],
+            test_loss=test_row[2],
+            test_accuracy=test_row[3],
             weight_history_bytes=int(sum(r[0] for r in rows)),
         )
 

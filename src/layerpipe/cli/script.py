@@ -63,6 +63,7 @@ def train_pipeline(
     progress: bool = False,
     timeout: float = 60.0,
     backend: str = "auto",
+    dp: int = 1,
 ):
     """Train `make_model()` on `make_data()` pipelined; the `TrainResult` on rank 0 (or the
     only process), None on the other ranks.
@@ -94,6 +95,8 @@ def train_pipeline(
         threads: torch threads per process (None: as the launcher set).
         run_dir, save, checkpoint_every, resume, progress: as `layerpipe train`.
         timeout, backend: of the distributed runtime (seconds per wait; auto, gloo, nccl).
+        dp: data-parallel replicas of every stage (under a launcher of K x dp processes);
+            `batch_size` is then per replica, as `layerpipe train --dp`.
 
     A parameter read by stages in different processes (tied embeddings) is refused with a
     PlanError: untie it (`tie_word_embeddings=False`) or train in one process.
@@ -112,7 +115,7 @@ def train_pipeline(
                                   optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                   lr_schedule=lr_schedule, warmup_epochs=warmup_epochs, epochs=epochs,
                                   batch_size=batch_size, seed=seed, device=device, threads=threads,
-                                  weight_options=weight_options)
+                                  weight_options=weight_options, dp=dp)
     except LayerpipeError as exc:
         if world is None or world.world_size == 1:
             raise
@@ -122,7 +125,7 @@ def train_pipeline(
     if world is None:
         return train(config, run_dir=run_dir, progress=progress, save=save, checkpoint_every=checkpoint_every,
                      resume=resume, custom=custom)
-    options = {"timeout": timeout, "backend": backend, "forced_exit": _leave_now}
+    options = {"timeout": timeout, "backend": backend, "forced_exit": _leave_now, "dp": dp}
     try:
         result = train(config, run_dir=run_dir, progress=progress and world.rank == 0, save=save,
                        checkpoint_every=checkpoint_every, resume=resume, distributed=options, custom=custom)
@@ -132,7 +135,7 @@ def train_pipeline(
 
 
 def _prepare(make_model, make_data, loss_fn, world, *, split_points, stages, example_inputs, seed, device,
-             threads, weight_options, **settings):
+             threads, weight_options, dp, **settings):
     """The TrainConfig and the CustomModel of a `train_pipeline` call."""
     import torch
 
@@ -141,6 +144,11 @@ def _prepare(make_model, make_data, loss_fn, world, *, split_points, stages, exa
     for name, fn in (("make_model", make_model), ("make_data", make_data), ("loss_fn", loss_fn)):
         if not callable(fn):
             raise LayerpipeError(f"{name} must be a function, got {type(fn).__name__}")
+    if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+        raise LayerpipeError(f"dp must be a positive integer, got {dp!r}")
+    if dp > 1 and world is None:
+        raise LayerpipeError(f"dp={dp} needs {dp} processes per stage: run the script under "
+                             "`layerpipe launch --nproc K*dp` or torchrun")
     if split_points is not None:
         if isinstance(split_points, str):
             raise PlanError(f"split_points is a list of submodule names, got the string {split_points!r}")
@@ -150,7 +158,7 @@ def _prepare(make_model, make_data, loss_fn, world, *, split_points, stages, exa
     elif stages is None:
         if world is None:
             raise PlanError("give split_points=[...] or stages=K (the number of pipeline stages)")
-        stage_text = str(world.world_size)
+        stage_text = str(world.world_size // dp)
     elif isinstance(stages, int) and not isinstance(stages, bool):
         stage_text = str(stages)
     else:

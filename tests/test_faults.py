@@ -113,7 +113,7 @@ def test_corrupt_and_crafted_checkpoints_are_refused_in_one_line(tmp_path, capsy
     resume = [*SMALL, "--stages", "2", "--epochs", "3", "--resume", "--run-dir", str(run)]
     before = read_status(run)
     assert before["status"] == "complete"
-    ckpt = run / "checkpoint-rank0-epoch2.pt"
+    ckpt = run / "checkpoint-stage0-epoch2.pt"
     good = ckpt.read_bytes()
     metrics = (run / "metrics.jsonl").read_text()
     capsys.readouterr()
@@ -161,7 +161,7 @@ def test_resume_past_the_requested_epochs_is_refused_in_one_line(tmp_path, capsy
 def test_per_stage_corrupt_and_crafted_checkpoints_are_refused(tmp_path):
     run = trained_run(tmp_path, nproc=2)
     resume = [*SMALL, "--nproc", "2", "--epochs", "3", "--resume", "--run-dir", str(run)]
-    ckpt = run / "checkpoint-rank1-epoch2.pt"
+    ckpt = run / "checkpoint-stage1-epoch2.pt"
     saved = tmp_path / "saved"
     shutil.copytree(run, saved)
 
@@ -277,7 +277,7 @@ def test_an_interrupted_run_is_marked_and_keeps_the_good_save(tmp_path):
 @pytest.mark.timeout(60)
 def test_stale_temp_files_of_a_cut_write_are_cleaned(tmp_path, capsys):
     run = trained_run(tmp_path)
-    stale = [run / ".layerpipe-tmp-checkpoint.json.abc123", run / ".layerpipe-tmp-checkpoint-rank0-epoch3.pt.x1"]
+    stale = [run / ".layerpipe-tmp-checkpoint.json.abc123", run / ".layerpipe-tmp-checkpoint-stage0-epoch3.pt.x1"]
     for p in stale:
         p.write_bytes(b"half a file")
     assert main([*SMALL, "--stages", "2", "--epochs", "3", "--resume", "--run-dir", str(run)]) == 0

@@ -24,7 +24,7 @@ TEMP_PREFIX = ".layerpipe-tmp-"
 STATUS = "status.json"
 #: files that make a folder hold a run
 RUN_FILES = ("metrics.jsonl", "checkpoint.json")
-RUN_GLOBS = ("checkpoint-rank*-epoch*.pt",)
+RUN_GLOBS = ("checkpoint-stage*-epoch*.pt",)
 #: what `--overwrite` removes from a run folder before the new run
 OWN_FILES = (*RUN_FILES, STATUS, "learning_curve.png")
 

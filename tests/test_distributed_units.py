@@ -12,7 +12,7 @@ from torch import nn
 
 from layerpipe import Pipeline
 from layerpipe.engine.distributed import FailureMonitor, StageFailure, World, boundary_specs, choose_backend
-from layerpipe.engine.distributed.worker import _parse_fault
+from layerpipe.engine.distributed.faults import parse_fault as _parse_fault
 from layerpipe.plan import sequential_spec
 from layerpipe.schedule import Timing
 from layerpipe.training.engines import check_stage_count

@@ -21,7 +21,6 @@ import ast
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from layerpipe.compensate import accumulate, error_feedback, muon, nesterov, pipemare, predict  # noqa: F401  (registers)

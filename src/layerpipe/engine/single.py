@@ -35,9 +35,10 @@ from torch import Tensor, nn
 
 from layerpipe.engine.batch import as_call as _as_call
 from layerpipe.engine.checks import check_arguments, check_first_batch, checked_optimizer
-from layerpipe.engine.stage import LossFn, OptimizerFactory, SchedulerFactory, Stage, build_stages, sequential_modules
+from layerpipe.engine.build import build_stages, sequential_modules
+from layerpipe.engine.stage import LossFn, OptimizerFactory, SchedulerFactory, Stage
 from layerpipe.errors import LayerpipeError, PlanError
-from layerpipe.plan import PipelineSpec, sequential_spec, split_spec
+from layerpipe.plan import sequential_spec, split_spec
 from layerpipe.schedule import Timing
 from layerpipe.weights import strategy_class
 

@@ -43,15 +43,12 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-import functools
-
 import torch
 from torch import Tensor, nn
 
-from layerpipe.compensate import attach_stage, build_optimizer, history_bytes
+from layerpipe.compensate import history_bytes
 from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
-from layerpipe.plan import PipelineSpec
-from layerpipe.weights import WeightStrategy, make_strategy
+from layerpipe.weights import WeightStrategy
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -115,6 +112,21 @@ def _detach(out: Any) -> Any:
     if isinstance(out, tuple):
         return tuple(o.detach() if isinstance(o, Tensor) else o for o in out)
     raise PlanError(f"a stage other than the last must return a tensor or a tuple of tensors, got {type(out).__name__}")
+
+
+def _run_backward(out: Any, grad_output: Any, is_last: bool) -> None:
+    """Backpropagate from a stage's output(s): the loss, one tensor, or the tensors of a tuple
+    that require a gradient and received one."""
+    if is_last:
+        out.backward()
+    elif isinstance(out, Tensor):
+        if out.requires_grad:
+            out.backward(grad_output)
+    else:
+        grads = grad_output if grad_output is not None else ()
+        pairs = [(o, g) for o, g in zip(out, grads) if g is not None and isinstance(o, Tensor) and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
 
 class Stage:
@@ -305,18 +317,7 @@ class Stage:
             if live is not None:
                 for p, w in zip(self.params, weights):
                     p.data = w
-            out = item.output
-            if self.is_last:
-                out.backward()
-            elif isinstance(out, Tensor):
-                if out.requires_grad:
-                    out.backward(grad_output)
-            else:
-                grads = grad_output if grad_output is not None else ()
-                pairs = [(o, g) for o, g in zip(out, grads)
-                         if g is not None and isinstance(o, Tensor) and o.requires_grad]
-                if pairs:
-                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            _run_backward(item.output, grad_output, self.is_last)
         finally:
             if live is not None:
                 for p, w in zip(self.params, live):
@@ -325,24 +326,28 @@ class Stage:
             self.strategy.release(item.version)
             for (strategy, _), v in zip(self._foreign, item.foreign_versions):
                 strategy.release(v)
-        if self._foreign:
-            assert self._tied is not None
-            for p, g in zip(self._foreign_params, saved):
-                if p.grad is not None:
-                    self._tied.add(mb, p, p.grad)
-                p.grad = g
-        if self._owned_tied:  # add the other users' parts: one update from the summed gradient
-            assert self._tied is not None
-            for p in self._owned_tied:
-                part = self._tied.pop(mb, p)
-                if part is not None:
-                    p.grad = part if p.grad is None else p.grad + part
+        if self._foreign or self._owned_tied:
+            self._exchange_tied(mb, saved if self._foreign else [])
         inputs = item.inputs
         if isinstance(inputs, Tensor):
             return inputs.grad if inputs.requires_grad else None
         if self.is_first:
             return None
         return tuple(v.grad if isinstance(v, Tensor) and v.requires_grad else None for v in inputs)
+
+    def _exchange_tied(self, mb: int, saved: list[Tensor | None]) -> None:
+        """Park this stage's part of the gradient of tied parameters owned elsewhere (their
+        owner adds it), and, as an owner, add the other users' parts of microbatch `mb`: one
+        update from the summed gradient."""
+        assert self._tied is not None
+        for p, g in zip(self._foreign_params, saved):
+            if p.grad is not None:
+                self._tied.add(mb, p, p.grad)
+            p.grad = g
+        for p in self._owned_tied:
+            part = self._tied.pop(mb, p)
+            if part is not None:
+                p.grad = part if p.grad is None else p.grad + part
 
     def update(self) -> None:
         """Apply the gradient of the last backward with the stage's optimizer (clipped first
@@ -385,64 +390,3 @@ class Stage:
         self.strategy.load_state_dict(state["strategy"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-
-
-def build_stages(
-    modules: Sequence[nn.Module],
-    spec: PipelineSpec,
-    weights: str,
-    optimizer: OptimizerFactory | None,
-    loss_fn: LossFn,
-    weight_options: Mapping[str, Any] | None = None,
-    only: int | None = None,
-    *,
-    autocast: tuple[str, torch.dtype] | None = None,
-    clip_grad_norm: float | None = None,
-    lr_scheduler: SchedulerFactory | None = None,
-    compensation: Sequence[Any] | None = None,
-) -> list[Stage]:
-    """One `Stage` per module (or only stage `only`), each with its optimizer and strategy.
-
-    A parameter read by several modules is owned by the first (see the module docstring);
-    that needs every stage in one process (`only` is then an error). `compensation`:
-    delay-compensation specs (`layerpipe.compensate`, e.g. ["predict"]) that build or wrap
-    each stage's optimizer knowing the stage's delay."""
-    options = dict(weight_options or {})
-    last = spec.num_stages - 1
-    users: dict[int, list[int]] = {}
-    by_id: dict[int, nn.Parameter] = {}
-    for k, m in enumerate(modules):
-        for p in m.parameters():
-            if p.requires_grad:
-                users.setdefault(id(p), []).append(k)
-                by_id[id(p)] = p
-    tied = {i: ks for i, ks in users.items() if len(ks) > 1}
-    if tied and only is not None:
-        raise PlanError("parameters shared by several stages (tied weights) need the single-process engine; "
-                        "the one-process-per-stage runtime does not support them yet")
-    stages = []
-    for k in range(spec.num_stages):
-        if only is not None and k != only:
-            continue
-        factory = optimizer
-        if compensation:
-            factory = functools.partial(build_optimizer, delay=spec.delays[k], specs=list(compensation), base=optimizer)
-        owned = [p for p in modules[k].parameters() if p.requires_grad and users[id(p)][0] == k] if tied else None
-        stages.append(Stage(k, modules[k], spec.delays[k], lambda ps, d, opt: make_strategy(weights, ps, d, opt, **options),
-                            factory, is_last=k == last, loss_fn=loss_fn, owned=owned, autocast=autocast,
-                            clip_grad_norm=clip_grad_norm, lr_scheduler=lr_scheduler))
-    if compensation:
-        for stage in stages:
-            if stage.optimizer is not None:
-                attach_stage(stage)
-    if tied:
-        grads = TiedGrads()
-        owners = {i: stages[ks[0]] for i, ks in tied.items()}
-        for s in stages:
-            s.link_tied(owners, grads, [by_id[i] for i, ks in tied.items() if ks[0] == s.index])
-    return stages
-
-
-def sequential_modules(model: nn.Sequential, spec: PipelineSpec) -> list[nn.Module]:
-    """The stages of an nn.Sequential as slices (sharing the model's layers)."""
-    return [model[a:b] for a, b in spec.bounds()]

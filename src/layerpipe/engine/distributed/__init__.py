@@ -7,7 +7,9 @@ stage's tick program, its pipelined evaluation and its state). The training loop
 """
 from layerpipe.engine.distributed.monitor import FailureMonitor, StageFailure
 from layerpipe.engine.distributed.transport import Comm, World, choose_backend
-from layerpipe.engine.distributed.worker import FAULT_ENV, EpochStats, StageWorker, boundary_specs
+from layerpipe.engine.distributed.boundaries import boundary_specs
+from layerpipe.engine.distributed.faults import FAULT_ENV
+from layerpipe.engine.distributed.worker import EpochStats, StageWorker
 
 __all__ = ["FAULT_ENV", "Comm", "EpochStats", "FailureMonitor", "StageFailure", "StageWorker", "World",
            "boundary_specs", "choose_backend"]

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from layerpipe.engine.distributed.monitor import FailureMonitor, StageFailure
+from layerpipe.engine.distributed.monitor import FailureMonitor
 from layerpipe.errors import DistributedError
 
 log = logging.getLogger(__name__)

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -64,48 +63,21 @@ import torch
 from torch import Tensor, nn
 
 from layerpipe.engine.batch import accuracy_counts, as_call, num_samples, take, to_device
+from layerpipe.engine.distributed.boundaries import checked_split, message_shape, needs_grad, sequential_boundaries
+from layerpipe.engine.distributed.faults import FAULT_ENV, inject, parse_fault
 from layerpipe.engine.distributed.transport import ACT, EVAL, GRAD, STATS, Comm, Pending
-from layerpipe.engine.stage import LossFn, OptimizerFactory, build_stages, sequential_modules
+from layerpipe.engine.build import build_stages, sequential_modules
+from layerpipe.engine.stage import LossFn, OptimizerFactory
 from layerpipe.errors import LayerpipeError, PlanError
 from layerpipe.plan import PipelineSpec
 from layerpipe.schedule import Timing
+from layerpipe.split.model import ValueSpec
 
 if TYPE_CHECKING:
-    from layerpipe.split import SplitModel, ValueSpec
+    from layerpipe.split import SplitModel
 
 log = logging.getLogger(__name__)
 
-#: environment variable of the fault-injection hook used by the tests: "RANK:MODE:TICK",
-#: MODE one of exit (os._exit(3)), raise (RuntimeError), hang (sleep in the compute thread)
-FAULT_ENV = "LAYERPIPE_FAULT"
-
-
-@torch.no_grad()
-def boundary_specs(model: nn.Sequential, sizes: Sequence[int], sample: Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """Per-sample shape and dtype at every stage boundary: entry k is stage k's input, entry
-    K the model's output. One forward of `sample` (two samples or more) in eval mode, so no
-    running statistics change."""
-    if sample.dim() == 0 or sample.shape[0] < 2:
-        raise PlanError("the shape probe needs a sample batch of at least two inputs")
-    batch = sample.shape[0]
-    was_training = model.training
-    model.eval()
-    try:
-        h = sample
-        specs = [(tuple(h.shape[1:]), h.dtype)]
-        start = 0
-        for k, n in enumerate(sizes):
-            h = model[start : start + n](h)
-            start += n
-            if not isinstance(h, Tensor) or h.dim() == 0 or h.shape[0] != batch:
-                raise PlanError(
-                    f"stage {k} must return one tensor with the batch as its first dimension "
-                    f"(got {type(h).__name__} {tuple(getattr(h, 'shape', ()))} for a batch of {batch})"
-                )
-            specs.append((tuple(h.shape[1:]), h.dtype))
-    finally:
-        model.train(was_training)
-    return specs
 
 
 @dataclass
@@ -166,14 +138,18 @@ class StageWorker:
         self.stage_sizes, self.delays = list(spec.stage_sizes), list(spec.delays)
         self.timing = Timing.of(spec)
         self.split = split
+        #: the values crossing each boundary (one for an nn.Sequential); stages of a split model
+        #: take and return tuples, slices of a Sequential one tensor
+        self.boundaries: list[list[ValueSpec]]
         if split is None:
             if sample is None:
                 raise PlanError("StageWorker needs sample= (a batch of inputs) to find the activation shapes")
-            self.specs = boundary_specs(model, self.stage_sizes, sample)
+            self.boundaries = sequential_boundaries(model, self.stage_sizes, sample)
             modules: list[nn.Module] = sequential_modules(model, spec)
         else:
-            self.boundaries = _checked_split(split, self.num_stages)
+            self.boundaries = checked_split(split, self.num_stages)
             modules = list(split.stages)
+        self._tuples = split is not None
         self.stage_parameter_bytes = [
             sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad) for m in modules
         ]
@@ -190,19 +166,8 @@ class StageWorker:
         self.loss_fn = loss_fn
         self.tick = 0
         self.next_mb = 0
-        self._fault = _parse_fault(os.environ.get(FAULT_ENV), comm.rank)
+        self._fault = parse_fault(os.environ.get(FAULT_ENV), comm.rank)
         log.info("rank %d: stage %d of %s, delay %d, weights %s", k, k, self.stage_sizes, self.delays[k], weights)
-
-    # -- shapes of messages ----------------------------------------------------------------------
-    def _input_spec(self) -> tuple[tuple[int, ...], torch.dtype]:
-        return self.specs[self.rank]
-
-    def _output_spec(self) -> tuple[tuple[int, ...], torch.dtype]:
-        return self.specs[self.rank + 1]
-
-    def _grad_into(self, k: int) -> bool:
-        """Gradients cross the boundary into stage k (its input is floating point)."""
-        return self.specs[k][1].is_floating_point
 
     # -- one epoch ---------------------------------------------------------------------------------
     def run_epoch(
@@ -215,8 +180,6 @@ class StageWorker:
         """Train on the microbatches `x[idx], y[idx]` for idx in `order`, then drain. Stage 0
         needs `x`, the last stage `y`. Returns the last stage's losses (empty elsewhere).
         With R replicas, `order` holds the global microbatches; this replica takes `idx[j::R]`."""
-        comm, stage, timing = self.comm, self.stage, self.timing
-        k, last = self.rank, self.num_stages - 1
         R, j_rep = self.dp, self.replica
         if R > 1:
             short = [len(idx) for idx in order if len(idx) < R]
@@ -227,60 +190,7 @@ class StageWorker:
             order = [idx[j_rep::R] for idx in order]
         else:
             self.loss_weights = [1.0] * len(order)
-        if self.split is not None:
-            return self._run_epoch_split(x, y, order, on_forward)
-        n = len(order)
-        sizes = [len(idx) for idx in order]
-        base = self.next_mb
-        acts: dict[int, Pending] = {}  # producer tick -> posted receive
-        grads: dict[int, Pending] = {}
-        losses: list[Tensor] = []
-        in_shape, in_dtype = self._input_spec()
-        out_shape, out_dtype = self._output_spec()
-        grad_in = k > 0 and self._grad_into(k)  # do we send gradients back?
-        grad_out = k < last and self._grad_into(k + 1)  # do we receive gradients?
-        for t in range(timing.length(n)):
-            if self._fault is not None and self.tick == self._fault[1]:
-                _inject(self._fault[0], k, self.tick)
-            comm.check()
-            # 1. the activation stage k-1 sends in this tick
-            if k > 0:
-                i = timing.forward(k - 1, t, n)
-                if i is not None:
-                    acts[t] = comm.post_recv(self.prev, (sizes[i], *in_shape), in_dtype, ACT)
-            # 2. forward
-            i = timing.forward(k, t, n)
-            if i is not None:
-                xb = x[order[i]] if k == 0 else comm.wait(acts.pop(t - timing.forward_lag))
-                out = stage.forward(base + i, xb, y[order[i]] if k == last else None)
-                if k == last:
-                    losses.append(out)
-                else:
-                    comm.send(self.next, out, ACT)
-                if on_forward is not None:
-                    on_forward()
-            if grad_out:
-                j = timing.backward(k + 1, t, n)
-                if j is not None:
-                    grads[t] = comm.post_recv(self.next, (sizes[j], *out_shape), out_dtype, GRAD)
-            # 3. backward and update
-            j = timing.backward(k, t, n)
-            if j is not None:
-                g = comm.wait(grads.pop(t - timing.gradient_slack(k))) if grad_out else None
-                g_in = stage.backward(base + j, g)
-                reduce = self._start_gradient_reduce(self.loss_weights[j]) if R > 1 else None
-                if grad_in:
-                    if g_in is None:  # the input did not reach the output
-                        g_in = torch.zeros((sizes[j], *in_shape), dtype=in_dtype, device=comm.device)
-                    comm.send(self.prev, g_in, GRAD)
-                if reduce is not None:
-                    self._finish_gradient_reduce(reduce)
-                stage.update()
-            self.tick += 1
-        self.next_mb += n
-        if acts or grads or stage.inflight:  # a bug, not a user error
-            raise RuntimeError(f"stage {k}: the epoch ended with messages or microbatches left over")
-        return losses
+        return self._tick_program(x, y, order, on_forward)
 
     # -- data parallelism: one flat bucket per dtype, all-reduced while the gradient goes back ---------
     def _start_gradient_reduce(self, weight: float) -> list[tuple[list[Tensor], Any]]:
@@ -315,123 +225,6 @@ class StageWorker:
         comm, k, last = self.comm, self.rank, self.num_stages - 1
         if self.replica != 0:
             return None
-        if self.split is not None:
-            return self._evaluate_split(x, y, batch_size)
-        num = len(x)
-        starts = list(range(0, num, batch_size))
-        in_shape, in_dtype = self._input_spec()
-        was_training = self.module.training
-        self.module.eval()
-        device = comm.device
-        total_loss, correct, count = 0.0, 0, 0
-        pending: Pending | None = None
-        try:
-            for c, s in enumerate(starts):
-                m = min(batch_size, num - s)
-                if k > 0:
-                    if pending is None:
-                        pending = comm.post_recv(self.prev, (m, *in_shape), in_dtype, EVAL)
-                    current = pending
-                    pending = None
-                    if c + 1 < len(starts):  # post the next receive before computing this one
-                        m2 = min(batch_size, num - starts[c + 1])
-                        pending = comm.post_recv(self.prev, (m2, *in_shape), in_dtype, EVAL)
-                    h = comm.wait(current)
-                else:
-                    h = x[s : s + m].to(device)
-                out = self.module(h)
-                if k < last:
-                    comm.send(self.next, out, EVAL)
-                else:
-                    yb = y[s : s + m].to(device)
-                    total_loss += float(self.loss_fn(out, yb)) * m
-                    correct += int((out.argmax(-1) == yb).sum())
-                    count += yb.numel()
-        finally:
-            self.module.train(was_training)
-        if k < last:
-            return None
-        return total_loss / num, correct / count
-
-    # -- a model cut by layerpipe.split: several tensors per boundary ---------------------------------
-    def _post_values(self, src: int, specs: Sequence[ValueSpec], batch: int, tag: int) -> list[Pending]:
-        return [self.comm.post_recv(src, _shape(s, batch), s.dtype, tag) for s in specs]
-
-    def _run_epoch_split(self, x: Any, y: Any, order: Sequence[Tensor],
-                         on_forward: Callable[[], None] | None) -> list[Tensor]:
-        """`run_epoch` when boundaries carry several tensors: the same tick program, one
-        message per value (activations), one per value that needs a gradient (gradients).
-        `order` is already this replica's share (see `run_epoch`)."""
-        comm, stage, timing = self.comm, self.stage, self.timing
-        k, last = self.rank, self.num_stages - 1
-        n = len(order)
-        sizes = [len(idx) for idx in order]
-        base = self.next_mb
-        acts: dict[int, list[Pending]] = {}  # producer tick -> posted receives
-        grads: dict[int, list[Pending]] = {}
-        losses: list[Tensor] = []
-        ins: list[ValueSpec] = list(self.boundaries[k - 1]) if k > 0 else []
-        outs: list[ValueSpec] = list(self.boundaries[k]) if k < last else []
-        grad_ins = [i for i, s in enumerate(ins) if _needs_grad(s)]  # inputs whose gradient we send back
-        grad_outs = [i for i, s in enumerate(outs) if _needs_grad(s)]  # outputs whose gradient we receive
-        for t in range(timing.length(n)):
-            if self._fault is not None and self.tick == self._fault[1]:
-                _inject(self._fault[0], k, self.tick)
-            comm.check()
-            # 1. the activations stage k-1 sends in this tick
-            if k > 0:
-                i = timing.forward(k - 1, t, n)
-                if i is not None:
-                    acts[t] = self._post_values(self.prev, ins, sizes[i], ACT)
-            # 2. forward
-            i = timing.forward(k, t, n)
-            if i is not None:
-                if k == 0:
-                    xb = take(x, order[i])
-                else:
-                    xb = tuple(comm.wait(p) for p in acts.pop(t - timing.forward_lag))
-                out = stage.forward(base + i, xb, take(y, order[i]) if k == last else None)
-                if k == last:
-                    losses.append(out)
-                else:
-                    for v in out:
-                        comm.send(self.next, v, ACT)
-                if on_forward is not None:
-                    on_forward()
-            if grad_outs:
-                j = timing.backward(k + 1, t, n)
-                if j is not None:
-                    grads[t] = self._post_values(self.next, [outs[i] for i in grad_outs], sizes[j], GRAD)
-            # 3. backward and update
-            j = timing.backward(k, t, n)
-            if j is not None:
-                g: tuple | None = None
-                if grad_outs:
-                    got = [comm.wait(p) for p in grads.pop(t - timing.gradient_slack(k))]
-                    full: list[Tensor | None] = [None] * len(outs)
-                    for i, v in zip(grad_outs, got):
-                        full[i] = v
-                    g = tuple(full)
-                g_in = stage.backward(base + j, g)
-                reduce = self._start_gradient_reduce(self.loss_weights[j]) if self.dp > 1 else None
-                for i in grad_ins:
-                    v = g_in[i] if g_in is not None else None
-                    if v is None:  # the input did not reach the output
-                        v = torch.zeros(_shape(ins[i], sizes[j]), dtype=ins[i].dtype, device=comm.device)
-                    comm.send(self.prev, v, GRAD)
-                if reduce is not None:
-                    self._finish_gradient_reduce(reduce)
-                stage.update()
-            self.tick += 1
-        self.next_mb += n
-        if acts or grads or stage.inflight:  # a bug, not a user error
-            raise RuntimeError(f"stage {k}: the epoch ended with messages or microbatches left over")
-        return losses
-
-    def _evaluate_split(self, x: Any, y: Any, batch_size: int) -> tuple[float, float] | None:
-        """`evaluate` of a split model: (mean of `loss_fn` per sample, accuracy) on the last
-        stage; the accuracy is NaN when the model's output is not a tensor of class scores."""
-        comm, k, last = self.comm, self.rank, self.num_stages - 1
         num = num_samples(y)
         starts = list(range(0, num, batch_size))
         ins = list(self.boundaries[k - 1]) if k > 0 else []
@@ -448,12 +241,13 @@ class StageWorker:
                     pending = None
                     if c + 1 < len(starts):  # post the next receives before computing this one
                         pending = self._post_values(self.prev, ins, min(batch_size, num - starts[c + 1]), EVAL)
-                    out = self.module(*(comm.wait(p) for p in current))
+                    values = [comm.wait(p) for p in current]
+                    out = self.module(*values)
                 else:
                     args, kwargs = as_call(to_device(take(x, slice(s, s + m)), device))
                     out = self.module(*args, **kwargs)
                 if k < last:
-                    for v in out:
+                    for v in (out if self._tuples else (out,)):
                         comm.send(self.next, v, EVAL)
                 else:
                     yb = to_device(take(y, slice(s, s + m)), device)
@@ -467,6 +261,87 @@ class StageWorker:
         if k < last:
             return None
         return total_loss / num, (correct / count if scored and count else float("nan"))
+
+    # -- messages ---------------------------------------------------------------------------------------
+    def _post_values(self, src: int, specs: Sequence[ValueSpec], batch: int, tag: int) -> list[Pending]:
+        return [self.comm.post_recv(src, message_shape(s, batch), s.dtype, tag) for s in specs]
+
+    def _tick_program(self, x: Any, y: Any, order: Sequence[Tensor],
+                      on_forward: Callable[[], None] | None) -> list[Tensor]:
+        """The tick program of this stage for one epoch: one message per value crossing a
+        boundary (activations), one per value that needs a gradient (gradients). `order` is
+        already this replica's share (see `run_epoch`)."""
+        comm, stage, timing = self.comm, self.stage, self.timing
+        k, last = self.rank, self.num_stages - 1
+        n = len(order)
+        sizes = [len(idx) for idx in order]
+        base = self.next_mb
+        acts: dict[int, list[Pending]] = {}  # producer tick -> posted receives
+        grads: dict[int, list[Pending]] = {}
+        losses: list[Tensor] = []
+        ins: list[ValueSpec] = list(self.boundaries[k - 1]) if k > 0 else []
+        outs: list[ValueSpec] = list(self.boundaries[k]) if k < last else []
+        grad_ins = [i for i, s in enumerate(ins) if needs_grad(s)]  # inputs whose gradient we send back
+        grad_outs = [i for i, s in enumerate(outs) if needs_grad(s)]  # outputs whose gradient we receive
+        for t in range(timing.length(n)):
+            if self._fault is not None and self.tick == self._fault[1]:
+                inject(self._fault[0], k, self.tick)
+            comm.check()
+            # 1. the activations stage k-1 sends in this tick
+            i = timing.forward(k - 1, t, n) if k > 0 else None
+            if i is not None:
+                acts[t] = self._post_values(self.prev, ins, sizes[i], ACT)
+            # 2. forward
+            i = timing.forward(k, t, n)
+            if i is not None:
+                xb = take(x, order[i]) if k == 0 else self._unpack([comm.wait(p) for p in acts.pop(t - timing.forward_lag)])
+                out = stage.forward(base + i, xb, take(y, order[i]) if k == last else None)
+                if k == last:
+                    losses.append(out)
+                else:
+                    for v in (out if self._tuples else (out,)):
+                        comm.send(self.next, v, ACT)
+                if on_forward is not None:
+                    on_forward()
+            j = timing.backward(k + 1, t, n) if grad_outs else None
+            if j is not None:
+                grads[t] = self._post_values(self.next, [outs[i] for i in grad_outs], sizes[j], GRAD)
+            # 3. backward and update
+            j = timing.backward(k, t, n)
+            if j is not None:
+                self._backward(base + j, sizes[j], ins, outs, grad_ins, grad_outs,
+                               grads.pop(t - timing.gradient_slack(k)) if grad_outs else [], self.loss_weights[j])
+            self.tick += 1
+        self.next_mb += n
+        if acts or grads or stage.inflight:  # a bug, not a user error
+            raise RuntimeError(f"stage {k}: the epoch ended with messages or microbatches left over")
+        return losses
+
+    def _unpack(self, values: list[Tensor]) -> Any:
+        return tuple(values) if self._tuples else values[0]
+
+    def _backward(self, mb: int, size: int, ins: list[ValueSpec], outs: list[ValueSpec], grad_ins: list[int],
+                  grad_outs: list[int], posted: list[Pending], loss_weight: float) -> None:
+        """Backward of microbatch `mb`, the input gradients sent back (zeros where the input
+        did not reach the output), the replicas' gradients summed, then the update."""
+        comm = self.comm
+        g: Any = None
+        if grad_outs:
+            full: list[Tensor | None] = [None] * len(outs)
+            for i, p in zip(grad_outs, posted):
+                full[i] = comm.wait(p)
+            g = self._unpack(full)
+        g_in = self.stage.backward(mb, g)
+        reduce = self._start_gradient_reduce(loss_weight) if self.dp > 1 else None
+        g_ins = g_in if self._tuples else (g_in,)
+        for i in grad_ins:
+            v = g_ins[i] if g_in is not None else None
+            if v is None:  # the input did not reach the output
+                v = torch.zeros(message_shape(ins[i], size), dtype=ins[i].dtype, device=comm.device)
+            comm.send(self.prev, v, GRAD)
+        if reduce is not None:
+            self._finish_gradient_reduce(reduce)
+        self.stage.update()
 
     def model_state_dict(self) -> dict[str, Tensor]:
         """This stage's part of the model's `state_dict`, under the model's own names (merge
@@ -516,54 +391,3 @@ class StageWorker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tick, self.next_mb = int(state["tick"]), int(state["next_mb"])
         self.stage.load_state_dict(state["stage"])
-
-
-# -- split models ---------------------------------------------------------------------------------
-def _needs_grad(s: ValueSpec) -> bool:
-    return s.requires_grad and (s.dtype.is_floating_point or s.dtype.is_complex)
-
-
-def _shape(s: ValueSpec, batch: int) -> tuple[int, ...]:
-    return (batch, *s.per_sample_shape) if s.batched else s.shape
-
-
-def _checked_split(split: SplitModel, num_stages: int) -> list[list[ValueSpec]]:
-    """The boundary specs of a split model, after the checks that need them."""
-    if split.num_stages != num_stages:
-        raise PlanError(f"the model is split into {split.num_stages} stages but the run has {num_stages} processes; "
-                        "they must be equal (one stage per process)")
-    if split.boundary_specs is None:
-        raise PlanError("the split model has no boundary shapes: split it with example inputs")
-    tied = split.tied_params()
-    if tied:
-        names = ", ".join(f"{n} (stages {', '.join(map(str, ks))})" for n, ks in list(tied.items())[:3])
-        raise PlanError(f"parameters read by stages in different processes are not supported yet: {names}; untie "
-                        "them (for Hugging Face models: tie_word_embeddings=False) or train in one process")
-    return split.boundary_specs
-
-
-# -- fault injection (tests) ------------------------------------------------------------------------
-def _parse_fault(spec: str | None, rank: int) -> tuple[str, int] | None:
-    if not spec:
-        return None
-    try:
-        r, mode, tick = spec.split(":")
-        if int(r) != rank:
-            return None
-        if mode not in ("exit", "raise", "hang"):
-            raise ValueError(mode)
-        return mode, int(tick)
-    except ValueError:
-        raise LayerpipeError(f"{FAULT_ENV} must look like RANK:exit|raise|hang:TICK, got {spec!r}") from None
-
-
-def _inject(mode: str, rank: int, tick: int) -> None:
-    log.warning("rank %d: injected fault %r at tick %d", rank, mode, tick)
-    if mode == "exit":
-        logging.shutdown()
-        os._exit(3)
-    if mode == "raise":
-        raise RuntimeError(f"injected fault at tick {tick}")
-    time.sleep(10**6)  # hang
-
-

@@ -1,0 +1,82 @@
+"""Stages from a plan: the modules of each stage and each stage's optimizer, strategy and hooks.
+
+    stages = build_stages(sequential_modules(model, spec), spec, "ema", optimizer, loss_fn)
+
+Both engines build their stages here (the single-process engine all of them, a process of
+the distributed runtime its own), so a stage is the same object wherever it runs.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from layerpipe.compensate import attach_stage, build_optimizer
+from layerpipe.engine.stage import LossFn, OptimizerFactory, SchedulerFactory, Stage, TiedGrads
+from layerpipe.errors import PlanError
+from layerpipe.plan import PipelineSpec
+from layerpipe.weights import make_strategy
+
+
+def build_stages(
+    modules: Sequence[nn.Module],
+    spec: PipelineSpec,
+    weights: str,
+    optimizer: OptimizerFactory | None,
+    loss_fn: LossFn,
+    weight_options: Mapping[str, Any] | None = None,
+    only: int | None = None,
+    *,
+    autocast: tuple[str, torch.dtype] | None = None,
+    clip_grad_norm: float | None = None,
+    lr_scheduler: SchedulerFactory | None = None,
+    compensation: Sequence[Any] | None = None,
+) -> list[Stage]:
+    """One `Stage` per module (or only stage `only`), each with its optimizer and strategy.
+
+    A parameter read by several modules is owned by the first (see the module docstring);
+    that needs every stage in one process (`only` is then an error). `compensation`:
+    delay-compensation specs (`layerpipe.compensate`, e.g. ["predict"]) that build or wrap
+    each stage's optimizer knowing the stage's delay."""
+    options = dict(weight_options or {})
+    last = spec.num_stages - 1
+    users: dict[int, list[int]] = {}
+    by_id: dict[int, nn.Parameter] = {}
+    for k, m in enumerate(modules):
+        for p in m.parameters():
+            if p.requires_grad:
+                users.setdefault(id(p), []).append(k)
+                by_id[id(p)] = p
+    tied = {i: ks for i, ks in users.items() if len(ks) > 1}
+    if tied and only is not None:
+        raise PlanError("parameters shared by several stages (tied weights) need the single-process engine; "
+                        "the one-process-per-stage runtime does not support them yet")
+    stages = []
+    for k in range(spec.num_stages):
+        if only is not None and k != only:
+            continue
+        factory = optimizer
+        if compensation:
+            factory = functools.partial(build_optimizer, delay=spec.delays[k], specs=list(compensation), base=optimizer)
+        owned = [p for p in modules[k].parameters() if p.requires_grad and users[id(p)][0] == k] if tied else None
+        stages.append(Stage(k, modules[k], spec.delays[k], lambda ps, d, opt: make_strategy(weights, ps, d, opt, **options),
+                            factory, is_last=k == last, loss_fn=loss_fn, owned=owned, autocast=autocast,
+                            clip_grad_norm=clip_grad_norm, lr_scheduler=lr_scheduler))
+    if compensation:
+        for stage in stages:
+            if stage.optimizer is not None:
+                attach_stage(stage)
+    if tied:
+        grads = TiedGrads()
+        owners = {i: stages[ks[0]] for i, ks in tied.items()}
+        for s in stages:
+            s.link_tied(owners, grads, [by_id[i] for i, ks in tied.items() if ks[0] == s.index])
+    return stages
+
+
+def sequential_modules(model: nn.Sequential, spec: PipelineSpec) -> list[nn.Module]:
+    """The stages of an nn.Sequential as slices (sharing the model's layers)."""
+    return [model[a:b] for a, b in spec.bounds()]

@@ -172,3 +172,21 @@ def test_usage_errors_are_one_line(capsys, argv):
         main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "error:" in err[0] and "--help" in err[0], err
+
+
+def test_sync_warmup_over_the_whole_run_is_ordinary_training():
+    """With every microbatch drained before the next (--sync-warmup covering the run), no
+    gradient is stale: a pipelined strategy gives the synchronous weights bit for bit; a
+    shorter warm-up gives something between."""
+    import torch
+
+    def weights(**kw):
+        result = train(TrainConfig(**{**SMALL, "epochs": 1, **kw}), progress=False)
+        return result.test_loss
+
+    sync = weights(weights="sync")
+    assert weights(weights="stash", sync_warmup=10_000) == sync
+    assert weights(weights="ema", sync_warmup=10_000) == sync
+    partial = weights(weights="stash", sync_warmup=5)
+    assert partial != sync and partial != weights(weights="stash")
+    assert torch.isfinite(torch.tensor(partial))

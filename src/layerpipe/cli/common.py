@@ -42,6 +42,9 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
                         "gradient delay d_k > 0 (helps the transformer, see docs/results.md)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--sync-warmup", type=int, default=None, metavar="N",
+                   help="train the first N microbatches without pipelining (each drained before the next "
+                        "enters: no stale gradient while the loss falls fastest; default: the model's recipe, 0)")
     p.add_argument("--compensation", action="append", default=None, metavar="SPEC",
                    help="delay compensation, repeatable: NAME or NAME:KEY=VALUE,... e.g. nesterov, muon:lr=4e-3, "
                         "error-feedback:c=0.5, predict, accumulate, pipemare; 'none' for none "
@@ -64,6 +67,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         threads=args.threads, model_options=parse_model_options(args.model_option, "--model-option"),
         weight_options=parse_model_options(args.weight_option, "--weight-option"),
         compensation=_compensation(args.compensation),
+        sync_warmup=args.sync_warmup,
     )
     fields.update(overrides)
     return TrainConfig(**fields)

@@ -31,7 +31,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 _FALLBACK_RECIPE = dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3, threads=0)
 
 #: the settings a checkpoint must agree on to be resumed (they change what the state means)
-RESUME_KEYS = ("model", "model_options", "dataset", "samples", "data_seed", "stages", "weights", "schedule",
+RESUME_KEYS = ("sync_warmup", "model", "model_options", "dataset", "samples", "data_seed", "stages", "weights", "schedule",
                "seed", "batch_size", "optimizer", "compensation", "weight_options")
 
 
@@ -78,17 +78,22 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     #: keyword options of the weight strategy, e.g. {"alpha": 0.3} for ema
     weight_options: dict[str, Any] = field(default_factory=dict)
+    #: microbatches at the start of the run trained without pipelining: each one drained
+    #: before the next enters, so no gradient is stale while the loss falls fastest
+    sync_warmup: int | None = None
     #: delay compensation (`layerpipe.compensate` specs, e.g. ["nesterov", "predict:c=0.5"]);
     #: None: the model's recipe; [] none
     compensation: list[str] | None = None
 
     def __post_init__(self) -> None:
-        recipe = {"compensation": [], **RECIPES.get(self.model, _FALLBACK_RECIPE)}
+        recipe = {"compensation": [], "sync_warmup": 0, **RECIPES.get(self.model, _FALLBACK_RECIPE)}
         for key, value in recipe.items():
             if getattr(self, key) is None:
                 setattr(self, key, list(value) if isinstance(value, list) else value)
         from layerpipe.compensate import parse_spec
 
+        if self.sync_warmup < 0:
+            raise LayerpipeError(f"--sync-warmup must be >= 0, got {self.sync_warmup}")
         for spec in self.compensation:
             parse_spec(spec)  # one line for an unknown technique or a malformed option
         _choice("weight strategy", self.weights, weight_choices())

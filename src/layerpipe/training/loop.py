@@ -182,7 +182,8 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
         order = epoch_order(num_samples(data.x_train), config.batch_size * engine.dp, config.seed, epoch)
         bar = _progress_bar(len(order), f"epoch {epoch + 1}/{config.epochs}", progress and main)
         try:
-            losses = engine.run_epoch(x_train, y_train, order, bar.update if bar else None)
+            losses = _run_epoch(engine, x_train, y_train, order, bar.update if bar else None,
+                                max(0, config.sync_warmup - epoch * len(order)))
         finally:
             if bar:
                 bar.close()
@@ -240,6 +241,17 @@ def _agree(engine: Engine, first_epoch: int) -> int:
     if len({repr(p[:3]) for p in plans}) != 1:
         raise LayerpipeError(f"the processes disagree on the plan or the checkpoint: {plans}")
     return sum(int(p[3]) for p in plans)
+
+
+def _run_epoch(engine: Engine, x: Any, y: Any, order: list, on_microbatch, sync_first: int) -> list:
+    """One epoch; its first `sync_first` microbatches each drained before the next enters
+    (no staleness: ordinary training, at the cost of idle stages), then the pipelined rest."""
+    losses: list = []
+    for idx in order[:sync_first]:
+        losses += engine.run_epoch(x, y, [idx], on_microbatch)
+    if len(order) > sync_first:
+        losses += engine.run_epoch(x, y, order[sync_first:], on_microbatch)
+    return losses
 
 
 def record_epoch(result: TrainResult, metrics: MetricsLog | None, epoch: int, train_loss: float, test_loss: float,

@@ -13,7 +13,11 @@ order and initialisation:
 - `all`: the LayerPipe delays d_k = 2 S(k) on every stage (6, 4, 2, 0 at 4 stages);
 - `first-only`: only stage 0 delayed, by its full delay;
 - `last-delayed-only`: only the last stage with a delay (d = 2) delayed;
-- `first-at-2`: only stage 0 delayed, by 2 (separates the delay's size from its place).
+- `first-at-2`: only stage 0 delayed, by 2 (separates the delay's size from its place);
+- `embedding-at-2`: only the embedding layer (inside stage 0) delayed, by 2;
+- `block0-at-2`: stage 0 without the embedding delayed, by 2;
+- `first-at-2-emb-lr/10`: as `first-at-2`, with the embedding's lr divided by 10;
+- `sync-emb-lr/10`: `sync` with the embedding's lr divided by 10.
 
 Every `--cos-every` steps, each delayed stage's applied (stale) gradient is compared with
 the fresh gradient of the same microbatch at the current weights (cosine similarity), which
@@ -77,12 +81,18 @@ def cosine(a: list[Tensor], b: list[Tensor]) -> float:
     return dot / (na * nb) if na > 0 and nb > 0 else float("nan")
 
 
-def run(delays: list[int], args, data, seed: int) -> dict:
+def run(delays: list[int], args, data, seed: int, emb_lr_scale: float = 1.0) -> dict:
     torch.manual_seed(seed)
     model = build_model("gpt", num_classes=256, input_shape=tuple(data.input_shape), **args.model_options)
     loss_of = loss_fn(data.task)
     groups = stage_params(model, args.stages)
+    embedding = list(model[0].parameters())
+    if len(delays) == len(groups) + 1:  # the embedding as its own group before stage 0
+        groups = [embedding, [p for p in groups[0] if all(p is not q for q in embedding)]] + groups[1:]
     opt = make_optimizer(args.optimizer, list(model.parameters()), args.lr)
+    if emb_lr_scale != 1.0:
+        rest = [p for p in model.parameters() if all(p is not q for q in embedding)]
+        opt = torch.optim.AdamW([{"params": rest}, {"params": embedding, "lr_scale": emb_lr_scale}], lr=args.lr)
     queues: list[collections.deque] = [collections.deque() for _ in groups]
     order = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(data.x_train) / args.batch_size)
@@ -93,7 +103,7 @@ def run(delays: list[int], args, data, seed: int) -> dict:
     for _ in range(args.epochs):
         for idx in torch.randperm(len(data.x_train), generator=order).split(args.batch_size):
             for g in opt.param_groups:  # cosine decay per step, as the training CLI per epoch
-                g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                g["lr"] = g.get("lr_scale", 1.0) * args.lr * 0.5 * (1 + math.cos(math.pi * step / total))
             opt.zero_grad(set_to_none=True)
             loss = loss_of(model(data.x_train[idx]), data.y_train[idx])
             loss.backward()
@@ -187,10 +197,15 @@ def main() -> int:
         "first-only": [full[0]] + [0] * (args.stages - 1),
         "last-delayed-only": [full[k] if k == last_delayed else 0 for k in range(args.stages)],
         "first-at-2": [2] + [0] * (args.stages - 1),
+        # five groups: embedding, rest of stage 0, stages 1..
+        "embedding-at-2": [2] + [0] * args.stages,
+        "block0-at-2": [0, 2] + [0] * (args.stages - 1),
+        "first-at-2-emb-lr/10": [2] + [0] * (args.stages - 1),
+        "sync-emb-lr/10": [0] * args.stages,
     }
     results = {}
     for name in args.runs.split(","):
-        results[name] = run(configs[name], args, data, args.seed)
+        results[name] = run(configs[name], args, data, args.seed, 0.1 if name.endswith("emb-lr/10") else 1.0)
         log.info("%s delays %s: final validation loss %.4f", name, configs[name], results[name]["final_val"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"env": environment(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "runs": results}

@@ -296,3 +296,25 @@ def test_chain_order_and_bytes():
     assert opt.history_bytes() == 2 * size  # error-feedback's previous update + the gradient sum
     with pytest.raises(LayerpipeError, match="one optimizer"):
         build_optimizer(params, 4, ["muon", "nesterov"])
+
+
+def test_pipeline_factory_attach_and_bytes():
+    from layerpipe import Pipeline
+    from layerpipe.compensate import attach, compensation_bytes, pipeline_optimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    delays = [4, 2, 0]
+    specs = ["error-feedback:c=0.5", "predict"]
+    pipe = Pipeline(model, stages=[2, 2, 1], weights="ema", optimizer=pipeline_optimizer(delays, specs, lambda ps: torch.optim.SGD(ps, lr=0.05)))
+    attach(pipe)
+    assert [s.optimizer.delay for s in pipe.stages] == delays
+    assert [s.forward_context is not None for s in pipe.stages] == [True, True, False]
+    # error-feedback keeps the previous update of the delayed stages; predict shares ema's buffer
+    delayed = sum(p.numel() * 4 for s in pipe.stages[:2] for p in s.params)
+    assert compensation_bytes(pipe) == delayed
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        pipe.step(torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,), generator=g))
+    pipe.flush()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

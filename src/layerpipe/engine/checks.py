@@ -60,7 +60,9 @@ def checked_optimizer(factory: Callable[[list[nn.Parameter]], Any]) -> Callable[
 
     def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
         opt = factory(params)
-        if not isinstance(opt, torch.optim.Optimizer):
+        # a torch optimizer, or anything that steps like one (a delay compensation wrapping one)
+        if not isinstance(opt, torch.optim.Optimizer) and not (callable(getattr(opt, "step", None))
+                                                                 and hasattr(opt, "param_groups")):
             raise PipelineArgumentError(f"the optimizer factory returned {type(opt).__name__}, not a "
                                         "torch.optim.Optimizer (did the lambda forget to return it?)")
         held = {id(p) for group in opt.param_groups for p in group["params"]}

@@ -13,7 +13,7 @@ from layerpipe.plan import SCHEDULES, parse_stages
 from layerpipe.weights import strategy_names
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "constant", "cosine-step")
 #: per-stage learning rate: "same" for every stage, or "inverse-delay": lr / d_k on stages
 #: with a gradient delay d_k > 0 (PipeMare's observation: a stale gradient wants a smaller step)
 STAGE_LRS = ("same", "inverse-delay")
@@ -56,7 +56,8 @@ class TrainConfig:
     batch_size: int | None = None
     optimizer: str | None = None
     lr: float | None = None
-    #: "cosine": lr decays to 0 over the run with a cosine, per epoch; "constant"
+    #: "cosine": lr decays to 0 over the run with a cosine, per epoch; "cosine-step": the
+    #: same cosine, per microbatch; "constant"
     lr_schedule: str = "cosine"
     #: epochs of linear learning-rate warm-up (PipeMare: stale gradients hurt most early)
     warmup_epochs: int = 0

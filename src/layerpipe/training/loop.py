@@ -34,7 +34,7 @@ from layerpipe.training.build import build, epoch_order
 from layerpipe.training.checkpoint import load_checkpoint, save_checkpoint
 from layerpipe.training.config import TrainConfig
 from layerpipe.training.engines import CustomModel, DistributedEngine, Engine, LocalEngine, stage_device
-from layerpipe.training.lr import epoch_lr, set_lr
+from layerpipe.training.lr import epoch_lr, set_lr, step_lr_setter
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,9 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
         order = epoch_order(num_samples(data.x_train), config.batch_size * engine.dp, config.seed, epoch)
         bar = _progress_bar(len(order), f"epoch {epoch + 1}/{config.epochs}", progress and main)
         try:
-            losses = _run_epoch(engine, x_train, y_train, order, bar.update if bar else None,
+            step_lr = step_lr_setter(config, epoch, len(order), engine.optimizers(), engine.local_delays(),
+                                     config.stage_lr)
+            losses = _run_epoch(engine, x_train, y_train, order, _both(bar.update if bar else None, step_lr),
                                 max(0, config.sync_warmup - epoch * len(order)))
         finally:
             if bar:
@@ -241,6 +243,12 @@ def _agree(engine: Engine, first_epoch: int) -> int:
     if len({repr(p[:3]) for p in plans}) != 1:
         raise LayerpipeError(f"the processes disagree on the plan or the checkpoint: {plans}")
     return sum(int(p[3]) for p in plans)
+
+
+def _both(a: Callable[[], Any] | None, b: Callable[[], Any] | None) -> Callable[[], None] | None:
+    if a is None or b is None:
+        return a or b
+    return lambda: (a(), b())  # type: ignore[func-returns-value]
 
 
 def _run_epoch(engine: Engine, x: Any, y: Any, order: list, on_microbatch, sync_first: int) -> list:

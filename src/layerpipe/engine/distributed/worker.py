@@ -301,8 +301,6 @@ class StageWorker:
                 else:
                     for v in (out if self._tuples else (out,)):
                         comm.send(self.next, v, ACT)
-                if on_forward is not None:
-                    on_forward()
             j = timing.backward(k + 1, t, n) if grad_outs else None
             if j is not None:
                 grads[t] = self._post_values(self.next, [outs[i] for i in grad_outs], sizes[j], GRAD)
@@ -312,6 +310,8 @@ class StageWorker:
                 self._backward(base + j, sizes[j], ins, outs, grad_ins, grad_outs,
                                grads.pop(t - timing.gradient_slack(k)) if grad_outs else [], self.loss_weights[j])
             self.tick += 1
+            if on_forward is not None and t < n:  # once per tick a microbatch entered, as `Pipeline.step`
+                on_forward()
         self.next_mb += n
         if acts or grads or stage.inflight:  # a bug, not a user error
             raise RuntimeError(f"stage {k}: the epoch ended with messages or microbatches left over")

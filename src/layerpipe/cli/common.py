@@ -34,8 +34,9 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
     p.add_argument("--batch-size", type=int, default=None, help="microbatch size (default: the model's recipe)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="optimizer (default: the model's recipe)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's recipe)")
-    p.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
-                   help="per-epoch learning-rate schedule (default cosine decay to 0)")
+    p.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
+                   help="learning-rate schedule: cosine (decay to 0, per epoch), cosine-step (the same per "
+                        "microbatch), constant (default: the model's recipe: cosine-step for gpt, else cosine)")
     p.add_argument("--warmup-epochs", type=int, default=0, help="epochs of linear learning-rate warm-up (default 0)")
     p.add_argument("--stage-lr", default="same", choices=STAGE_LRS,
                    help="per-stage learning rate: same (default), or inverse-delay: lr / d_k on each stage with "

@@ -90,7 +90,7 @@ def _run_all(jobs: dict[tuple[str, str, int], dict], workers: int, bar, on_done)
 
 
 #: settings shown in the results' command only when they differ from TrainConfig's defaults
-OPTIONAL_FLAGS = ("schedule", "lr_schedule", "warmup_epochs", "stage_lr", "momentum", "weight_decay", "data_seed")
+OPTIONAL_FLAGS = ("schedule", "warmup_epochs", "stage_lr", "momentum", "weight_decay", "data_seed")
 
 
 def _job_key(stages: str, weights: str, seed: int, first_stages: str) -> tuple[str, str, int]:
@@ -198,7 +198,7 @@ def _command(args: argparse.Namespace) -> str:
 
     return "layerpipe compare " + " ".join(
         [f"--model {args.model}", f"--weights {args.weights}", f"--seeds {args.seeds}", "--stages " + " ".join(args.stages)]
-        + [f"--{k.replace('_', '-')} {v}" for k in ("dataset", "samples", "epochs", "batch_size", "optimizer", "lr")
+        + [f"--{k.replace('_', '-')} {v}" for k in ("dataset", "samples", "epochs", "batch_size", "optimizer", "lr", "lr_schedule", "sync_warmup")
            if (v := getattr(args, k)) is not None]
         + [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in OPTIONAL_FLAGS
            if getattr(args, k) != TrainConfig.__dataclass_fields__[k].default]

@@ -58,70 +58,9 @@ def profile_slices(
     fwd, bwd, wgt, upd, transfer, wbytes, obytes, abytes = [], [], [], [], [], [], [], []
     x = sample
     for k, module in enumerate(slices):
-        params = [p for p in module.parameters() if p.requires_grad]
-        opt = optimizer(params) if params else None
-        floating = torch.is_floating_point(x)
-        inp = x.detach().requires_grad_(k > 0 and floating)
-
-        def forward() -> Any:
-            return module(inp)
-
-        f = _median_time(forward, repeats, warmup)
-        out = forward()
-        grad = torch.randn_like(out) if torch.is_floating_point(out) else None
-
-        def backward() -> None:
-            o = module(inp)
-            t0 = time.perf_counter()
-            o.backward(grad)
-            backward.elapsed = time.perf_counter() - t0  # type: ignore[attr-defined]
-
-        def timed(fn: Callable[[], None]) -> float:
-            for _ in range(warmup):
-                fn()
-            ts = []
-            for _ in range(repeats):
-                fn()
-                ts.append(fn.elapsed)  # type: ignore[attr-defined]
-            return statistics.median(ts)
-
-        b_all = timed(backward)
-        if inp.requires_grad:
-            def input_grad() -> None:
-                o = module(inp)
-                t0 = time.perf_counter()
-                torch.autograd.grad(o, [inp], grad)
-                input_grad.elapsed = time.perf_counter() - t0  # type: ignore[attr-defined]
-
-            b_in = min(timed(input_grad), b_all)
-        else:
-            b_in = 0.0
-        if opt is not None:
-            backward()  # gradients present, as in training
-            u = _median_time(opt.step, repeats, warmup)
-            state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-                        if torch.is_tensor(t) and t.dim() > 0)
-        else:
-            u, state = 0.0, 0
-        module.zero_grad(set_to_none=True)
-        # activation bytes: what autograd keeps for the backward, parameters excluded
-        param_ptrs = {p.data_ptr() for p in module.parameters()}
-        saved: dict[int, int] = {}
-
-        def pack(t: Any) -> Any:
-            if t.data_ptr() not in param_ptrs:
-                saved[t.data_ptr()] = max(saved.get(t.data_ptr(), 0), t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = module(inp)
-        fwd.append(f)
-        bwd.append(b_all)
-        wgt.append(b_all - b_in)
-        upd.append(u)
-        wbytes.append(sum(p.numel() * p.element_size() for p in params))
-        obytes.append(state)
-        abytes.append(sum(saved.values()))
+        costs, out = _profile_slice(module, x, k > 0, optimizer, repeats, warmup)
+        for column, value in zip((fwd, bwd, wgt, upd, wbytes, obytes, abytes), costs):
+            column.append(value)
         x = out.detach()
         if k < len(slices) - 1:
             transfer.append(_median_time(lambda: x.clone(), repeats, warmup))
@@ -129,6 +68,73 @@ def profile_slices(
         len(slices), forward=fwd, backward=bwd, weight_grad=wgt, update=upd, transfer=transfer,
         weight_bytes=wbytes, optimizer_bytes=obytes, activation_bytes=abytes, meta=dict(meta or {}),
     )
+
+
+def _profile_slice(module: Any, x: Any, needs_input_grad: bool, optimizer: Callable[[list], Any], repeats: int,
+                   warmup: int) -> tuple[tuple, Any]:
+    """(forward, backward, weight-gradient part, update seconds; weight, optimizer-state and
+    saved-activation bytes) of one stage on input `x`, and its output."""
+    import torch
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = optimizer(params) if params else None
+    floating = torch.is_floating_point(x)
+    inp = x.detach().requires_grad_(needs_input_grad and floating)
+
+    def forward() -> Any:
+        return module(inp)
+
+    f = _median_time(forward, repeats, warmup)
+    out = forward()
+    grad = torch.randn_like(out) if torch.is_floating_point(out) else None
+
+    def backward() -> None:
+        o = module(inp)
+        t0 = time.perf_counter()
+        o.backward(grad)
+        backward.elapsed = time.perf_counter() - t0  # type: ignore[attr-defined]
+
+    def timed(fn: Callable[[], None]) -> float:
+        for _ in range(warmup):
+            fn()
+        ts = []
+        for _ in range(repeats):
+            fn()
+            ts.append(fn.elapsed)  # type: ignore[attr-defined]
+        return statistics.median(ts)
+
+    b_all = timed(backward)
+    if inp.requires_grad:
+        def input_grad() -> None:
+            o = module(inp)
+            t0 = time.perf_counter()
+            torch.autograd.grad(o, [inp], grad)
+            input_grad.elapsed = time.perf_counter() - t0  # type: ignore[attr-defined]
+
+        b_in = min(timed(input_grad), b_all)
+    else:
+        b_in = 0.0
+    if opt is not None:
+        backward()  # gradients present, as in training
+        u = _median_time(opt.step, repeats, warmup)
+        state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                    if torch.is_tensor(t) and t.dim() > 0)
+    else:
+        u, state = 0.0, 0
+    module.zero_grad(set_to_none=True)
+    # activation bytes: what autograd keeps for the backward, parameters excluded
+    param_ptrs = {p.data_ptr() for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: Any) -> Any:
+        if t.data_ptr() not in param_ptrs:
+            saved[t.data_ptr()] = max(saved.get(t.data_ptr(), 0), t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(inp)
+    weights = sum(p.numel() * p.element_size() for p in params)
+    return (f, b_all, b_all - b_in, u, weights, state, sum(saved.values())), out
 
 
 def profile_model(name: str, num_stages: int, batch: int = 32, repeats: int = 5, warmup: int = 2) -> StageCosts:

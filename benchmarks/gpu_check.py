@@ -9,9 +9,12 @@ filling the pipeline) and peak GPU memory (`torch.cuda.max_memory_allocated`, re
 each strategy's model is built) for sync, stash, ema and latest, measured one after another
 in this process, with the bytes of weight history each strategy holds.
 
-Part 2: the byte-level transformer (`--model gpt`) on this Python's standard-library
-sources at 4 stages (delays 6,4,2,0): validation loss after the same training under sync,
-stash and ema (`layerpipe.training.train`, the library's own loop).
+Part 1 again under bf16 autocast (`mixed_precision="bf16"`) for sync, stash and ema.
+
+Part 2: the byte-level transformer (`--model gpt`, its recipe: Muon + PipeMare
+compensation, per-microbatch cosine) on this Python's standard-library sources at 4 stages
+(delays 6,4,2,0): validation loss after the same training under sync, stash and ema
+(`layerpipe.training.train`, the library's own loop).
 
 Writes DIR/gpu-check.json (every number, the machine, versions, date, commit) and
 DIR/gpu-check.md. Needs only torch and numpy (no tqdm, matplotlib, scikit-learn or
@@ -52,14 +55,15 @@ def peak_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def resnet_tick_times(weights: str, device: torch.device, stages: int, batch: int, ticks: int) -> dict[str, Any]:
-    """Time per tick and peak memory of ResNet-18 under one weight strategy."""
+def resnet_tick_times(weights: str, device: torch.device, stages: int, batch: int, ticks: int,
+                      precision: str | None = None) -> dict[str, Any]:
+    """Time per tick and peak memory of ResNet-18 under one weight strategy (and autocast)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = build_model("resnet18").to(device)
-    pipe = Pipeline(model, stages=stages, weights=weights, loss_fn=F.cross_entropy,
+    pipe = Pipeline(model, stages=stages, weights=weights, loss_fn=F.cross_entropy, mixed_precision=precision,
                     optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9))
     g = torch.Generator(device="cpu").manual_seed(1)
     data = [(torch.randn(batch, 3, 32, 32, generator=g).to(device), torch.randint(0, 100, (batch,), generator=g).to(device))
@@ -75,7 +79,7 @@ def resnet_tick_times(weights: str, device: torch.device, stages: int, batch: in
         synchronize(device)
         windows.append((time.perf_counter() - start) / ticks)
     return {
-        "weights": weights,
+        "weights": weights if precision is None else f"{weights} + {precision}",
         "stages": pipe.stage_sizes,
         "delays": pipe.delays,
         "seconds_per_tick": statistics.median(windows),
@@ -171,6 +175,8 @@ def main() -> int:
     }
     for weights in STRATEGIES:
         run_part("resnet18", lambda: resnet_tick_times(weights, device, 8, args.resnet_batch, args.ticks), report)
+    for weights in ("sync", "stash", "ema"):  # bf16 autocast: the strategies stay exact (issue 13)
+        run_part("resnet18", lambda: resnet_tick_times(weights, device, 8, args.resnet_batch, args.ticks, "bf16"), report)
     for weights in ("sync", "stash", "ema"):
         run_part("gpt", lambda: gpt_validation(weights, device, args.gpt_samples, args.gpt_epochs), report)
     (out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")

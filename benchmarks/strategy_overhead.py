@@ -100,9 +100,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="also write the report to this Markdown file")
     args = p.parse_args()
-    env = environment()
     if args.threads:
         torch.set_num_threads(args.threads)
+    env = environment()
     clock = CLOCKS[args.clock]
     models = {n: m for n, m in {"cnn1d": (cnn1d, 32), "mlp-512": (wide_mlp, 64)}.items() if n in args.models.split(",")}
     lines = [
@@ -138,10 +138,8 @@ def main() -> int:
                    + " | ".join(f"{med[w] / med['sync']:.3f}x" for w in STRATEGIES) + " | "
                    + " | ".join(f"{held[w]:.2f}" for w in STRATEGIES) + f" | {1000 * med['sync']:.2f} |")
             plain_row = f"|   (vs plain) | | | " + " | ".join(f"{med[w] / med['plain']:.3f}x" for w in STRATEGIES) + " |"
-            lines.append(plain_row)
-            print(plain_row, flush=True)
-            lines.append(row)
-            print(row, flush=True)
+            lines += [row, plain_row]
+            print(row, plain_row, sep="\n", flush=True)
     report = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).write_text(report)

@@ -10,10 +10,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import layerpipe
+    from importlib.metadata import PackageNotFoundError, version
+
     from layerpipe.report.records import environment
 
-    print(f"layerpipe: {layerpipe.__version__}")
+    try:
+        installed = version("layerpipe")
+    except PackageNotFoundError:  # run from a checkout without installing
+        installed = "not installed"
+    print(f"layerpipe: {installed}")
     for key, value in environment().items():
         print(f"{key}: {value}")
     return 0

@@ -82,9 +82,9 @@ def _positive_int(text: str, what: str) -> int:
 
 
 def _default_model() -> str:
-    from layerpipe import models  # lazy: the zoo imports torch
+    from layerpipe.models import MODEL_NAMES  # lazy: the zoo imports torch
 
-    return next((m for m in DEFAULT_MODELS if m in models.MODEL_NAMES), models.MODEL_NAMES[0])
+    return next((m for m in DEFAULT_MODELS if m in MODEL_NAMES), MODEL_NAMES[0])
 
 
 def _fmt_bytes(n: int) -> str:

@@ -106,7 +106,6 @@ def run(args: argparse.Namespace) -> int:
     from layerpipe.report.plots import MissingExtra, learning_curves
     from layerpipe.report.records import atomic_write_bytes, environment
     from layerpipe.report.tables import comparison_table
-    from layerpipe.training import TrainConfig
 
     strategies = [w.strip() for w in args.weights.split(",") if w.strip()]
     try:

@@ -24,12 +24,14 @@ import argparse
 import contextlib
 import os
 import signal
+import sys
 import subprocess
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 WORKER_ARGS_ENV = "LAYERPIPE_WORKER_ARGS"
 #: the launcher's pid, so that a child can tell it has already gone (see `die_with_parent`)
@@ -261,3 +263,33 @@ def report_failure(message: str) -> bool:
     except OSError:
         return False
     return True
+
+
+# -- the child side: one line, then leave ------------------------------------------------------------
+def leave_with_failure(exc: BaseException, rank0: bool, command: str = "layerpipe train") -> NoReturn:
+    """A stage process failed: report one line (to the launcher, or on stderr from rank 0 and
+    from the stage where it started) and leave at once: exiting closes this process's
+    sockets, which tells its neighbours without waiting for a timeout."""
+    from layerpipe.engine.distributed import StageFailure
+    from layerpipe.errors import LayerpipeError
+
+    if isinstance(exc, KeyboardInterrupt):
+        leave_now(None, code=130)
+    message = str(exc) if isinstance(exc, LayerpipeError) else f"{type(exc).__name__}: {exc}"
+    local = not isinstance(exc, StageFailure) or exc.local
+    if not report_failure(message) and (rank0 or local):
+        print(f"{command}: error: {message}", file=sys.stderr)
+    leave_now(None, code=2)
+
+
+def leave_now(message: str | None, code: int = 2, command: str = "layerpipe train") -> NoReturn:
+    """Leave this process now (the monitor's forced exit passes the failure line)."""
+    import logging
+
+    if message is not None:  # the monitor thread gave up waiting for the compute thread
+        if not report_failure(message):
+            print(f"{command}: error: {message}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

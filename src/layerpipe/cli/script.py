@@ -21,13 +21,13 @@ failure ends every process with one line naming the stage (exit status 2).
 """
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from layerpipe.cli.launch import leave_now, leave_with_failure
 
 from layerpipe.errors import LayerpipeError, PlanError
 
@@ -119,18 +119,19 @@ def train_pipeline(
     except LayerpipeError as exc:
         if world is None or world.world_size == 1:
             raise
-        _leave(exc, world.rank == 0)
+        leave_with_failure(exc, world.rank == 0, "layerpipe")
     from layerpipe.training import train
 
     if world is None:
         return train(config, run_dir=run_dir, progress=progress, save=save, checkpoint_every=checkpoint_every,
                      resume=resume, custom=custom)
-    options = {"timeout": timeout, "backend": backend, "forced_exit": _leave_now, "dp": dp}
+    options = {"timeout": timeout, "backend": backend, "dp": dp,
+               "forced_exit": lambda message: leave_now(message, command="layerpipe")}
     try:
         result = train(config, run_dir=run_dir, progress=progress and world.rank == 0, save=save,
                        checkpoint_every=checkpoint_every, resume=resume, distributed=options, custom=custom)
     except BaseException as exc:  # noqa: BLE001 - every failure: one line, every process leaves
-        _leave(exc, world.rank == 0)
+        leave_with_failure(exc, world.rank == 0, "layerpipe")
     return result if world.rank == 0 else None
 
 
@@ -194,28 +195,3 @@ def _as_data(data: Any) -> SimpleNamespace:
     return SimpleNamespace(**{f: get(f) for f in DATA_FIELDS})
 
 
-def _leave(exc: BaseException, rank0: bool) -> None:
-    """A stage process failed: one line (to the launcher, or on stderr from rank 0 and from the
-    stage where it started), then leave at once (which tells the neighbours)."""
-    from layerpipe.cli.launch import report_failure
-    from layerpipe.engine.distributed import StageFailure
-
-    if isinstance(exc, KeyboardInterrupt):
-        _leave_now(None, code=130)
-    message = str(exc) if isinstance(exc, LayerpipeError) else f"{type(exc).__name__}: {exc}"
-    local = not isinstance(exc, StageFailure) or exc.local
-    if not report_failure(message) and (rank0 or local):
-        print(f"layerpipe: error: {message}", file=sys.stderr)
-    _leave_now(None, code=2)
-
-
-def _leave_now(message: str | None, code: int = 2) -> None:
-    if message is not None:  # the monitor gave up waiting for the compute thread
-        from layerpipe.cli.launch import report_failure
-
-        if not report_failure(message):
-            print(f"layerpipe: error: {message}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)

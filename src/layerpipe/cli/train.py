@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from layerpipe.cli.common import add_training_arguments, config_from_args, signals_as_interrupt, strategies_help
-from layerpipe.cli.launch import WORKER_ARGS_ENV
+from layerpipe.cli.launch import WORKER_ARGS_ENV, leave_now, leave_with_failure
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
               f"{f', {dp} replicas per stage' if dp > 1 else ''}) -> {run_dir}", flush=True)
     options = None
     if distributed:
-        options = {"timeout": args.timeout, "backend": args.backend, "forced_exit": _leave_now, "dp": dp}
+        options = {"timeout": args.timeout, "backend": args.backend, "forced_exit": leave_now, "dp": dp}
     on_epoch = None if args.json or not rank0 else print_epoch
     try:
         with signals_as_interrupt(enabled=not distributed):  # children: SIGTERM's default, at once
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     except BaseException as exc:
         if not distributed:
             raise
-        _leave(exc, rank0)
+        leave_with_failure(exc, rank0, "layerpipe train")
     if not rank0:
         return 0
     summary = result.summary()
@@ -173,41 +173,6 @@ def _launch(args: argparse.Namespace, config, run_dir: Path) -> int:
     if result.returncode:
         raise LayerpipeError(result.message)
     return 0
-
-
-def _leave(exc: BaseException, rank0: bool) -> None:
-    """A stage process failed: report one line (to the launcher, or on stderr from rank 0 and
-    from the stage where it started) and leave at once: exiting closes this process's
-    sockets, which tells its neighbours without waiting for a timeout."""
-    import sys
-
-    from layerpipe.engine.distributed import StageFailure
-    from layerpipe.errors import LayerpipeError
-    from layerpipe.cli.launch import report_failure
-
-    if isinstance(exc, KeyboardInterrupt):
-        _leave_now(None, code=130)
-    message = str(exc) if isinstance(exc, LayerpipeError) else f"{type(exc).__name__}: {exc}"
-    local = not isinstance(exc, StageFailure) or exc.local
-    if not report_failure(message) and (rank0 or local):
-        print(f"layerpipe train: error: {message}", file=sys.stderr)
-    _leave_now(None, code=2)
-
-
-def _leave_now(message: str | None, code: int = 2) -> None:
-    import logging
-    import os
-    import sys
-
-    if message is not None:  # the monitor thread gave up waiting for the compute thread
-        from layerpipe.cli.launch import report_failure
-
-        if not report_failure(message):
-            print(f"layerpipe train: error: {message}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
 
 
 def worker_main() -> int:

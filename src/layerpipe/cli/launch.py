@@ -205,7 +205,9 @@ def _watch(procs: list[subprocess.Popen], deadline: float | None, dp: int = 1) -
             if code is None:
                 running = True
             elif code != 0:
-                name = f"stage {rank // dp} replica {rank % dp}" if dp > 1 else f"stage {rank}"
+                from layerpipe.engine.distributed.transport import MeshLayout
+
+                name = MeshLayout(len(procs), dp).describe(rank)
                 return rank, f"{name} {_how(code)} without reporting an error"
         if not running:
             return None

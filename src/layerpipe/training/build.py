@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,30 +61,15 @@ def build(config: TrainConfig):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, batch_size: int = 512) -> tuple[float, float]:
-    """(mean loss, accuracy) of `model` on (x, y); for sequences, accuracy per token."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total_loss, correct, count = 0.0, 0, 0
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-        out = model(xb)
-        total_loss += float(loss_fn(out, yb)) * len(xb)
-        correct += int((out.argmax(-1) == yb).sum())
-        count += yb.numel()
-    model.train(was_training)
-    return total_loss / len(x), correct / count
-
-
-@torch.no_grad()
-def evaluate_split(split, x, y, loss_fn, batch_size: int = 512) -> tuple[float, float]:
-    """`evaluate` of a model cut by `layerpipe.split` (its stages run in order, as the
-    distributed runtime runs them): inputs a tensor, tuple or dict; accuracy NaN when the
-    model's output is not a tensor of class scores."""
+def evaluate(model: nn.Module, x: Any, y: Any, loss_fn, batch_size: int = 512,
+             call: Callable[..., Any] | None = None) -> tuple[float, float]:
+    """(mean loss, accuracy) of `model` on (x, y); for sequences, accuracy per token. Inputs
+    a tensor, a tuple or a dict of keyword tensors; `call` runs the model in another form (a
+    `layerpipe.split.SplitModel`: its stages in order). The accuracy is NaN when the output is
+    not a tensor of class scores."""
     from layerpipe.engine.batch import accuracy_counts, as_call, num_samples, take, to_device
 
-    model = split.model
+    call = call or model
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -93,7 +79,7 @@ def evaluate_split(split, x, y, loss_fn, batch_size: int = 512) -> tuple[float, 
         for s in range(0, num, batch_size):
             m = min(batch_size, num - s)
             args, kwargs = as_call(to_device(take(x, slice(s, s + m)), device))
-            out = split(*args, **kwargs)
+            out = call(*args, **kwargs)
             yb = to_device(take(y, slice(s, s + m)), device)
             total_loss += float(loss_fn(out, yb)) * m
             counts = accuracy_counts(out, yb)
@@ -103,6 +89,12 @@ def evaluate_split(split, x, y, loss_fn, batch_size: int = 512) -> tuple[float, 
     finally:
         model.train(was_training)
     return total_loss / num, (correct / count if scored and count else float("nan"))
+
+
+def evaluate_split(split, x, y, loss_fn, batch_size: int = 512) -> tuple[float, float]:
+    """`evaluate` of a model cut by `layerpipe.split`, its stages run in order (as the
+    distributed runtime runs them)."""
+    return evaluate(split.model, x, y, loss_fn, batch_size, call=split)
 
 
 def epoch_order(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:

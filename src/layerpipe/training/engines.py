@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from layerpipe.engine.batch import take
 from layerpipe.engine.distributed import Comm, EpochStats, StageFailure, StageWorker, World
+from layerpipe.engine.distributed.transport import MeshLayout
 from layerpipe.engine.single import Pipeline, cut_model, resolve_strategy
 from layerpipe.errors import LayerpipeError, PlanError
 from layerpipe.plan import parse_stages, sequential_spec, split_spec
@@ -227,9 +228,10 @@ class DistributedEngine:
             raise
         except Exception as exc:  # the store or the process group could not be set up in time
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            name = f"stage {world.rank // dp} replica {world.rank % dp}" if dp > 1 else f"stage {world.rank}"
-            raise StageFailure(f"{name} could not join the run: {text}", world.rank // dp, local=True,
-                               replica=world.rank % dp, rank=world.rank) from None
+            layout = MeshLayout(world.world_size, dp)
+            stage, replica = layout.coords(world.rank)
+            raise StageFailure(f"{layout.describe(world.rank)} could not join the run: {text}", stage, local=True,
+                               replica=replica, rank=world.rank) from None
         try:
             strategy, schedule = resolve_strategy(config.weights, config.schedule)
             if split:  # every process cuts the same model on the same example inputs

@@ -72,7 +72,7 @@ def make_compensation(
             raise LayerpipeError(f"compensation {name!r} wraps an optimizer; none was given")
         inner = optimizer if _is_optimizer(optimizer) else optimizer(params)
         return tech.build(params, delay, inner, **options)
-    except TypeError as exc:  # an unknown or mistyped option
+    except (TypeError, ValueError) as exc:  # an unknown option, or a value of the wrong type
         raise LayerpipeError(f"compensation {name!r}: {exc}") from None
 
 

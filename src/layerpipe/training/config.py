@@ -11,6 +11,7 @@ from typing import Any
 from layerpipe.errors import LayerpipeError
 from layerpipe.plan import SCHEDULES, parse_stages
 from layerpipe.weights import strategy_names
+from layerpipe.weights.registry import check_options
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "constant", "cosine-step")
@@ -102,6 +103,8 @@ class TrainConfig:
         for spec in self.compensation:
             parse_spec(spec)  # one line for an unknown technique or a malformed option
         _choice("weight strategy", self.weights, weight_choices())
+        if self.weight_options:
+            check_options("latest" if self.weights == "sync" else self.weights, self.weight_options)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("--stage-lr", self.stage_lr, STAGE_LRS)

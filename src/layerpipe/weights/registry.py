@@ -12,7 +12,8 @@ package on import, so a new file under `weights/` is enough.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -47,6 +48,17 @@ def strategy_class(name: str) -> type[WeightStrategy]:
         return _REGISTRY[name]
     except KeyError:
         raise LayerpipeError(f"unknown weight strategy {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Refuse, in one line, options that strategy `name`'s constructor does not take (before
+    anything is built)."""
+    params = inspect.signature(strategy_class(name).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in options if k not in params or k in ("self", "params", "delay", "optimizer")]
+    if unknown:
+        raise LayerpipeError(f"weight strategy {name!r} does not take option(s) {', '.join(unknown)}")
 
 
 def make_strategy(

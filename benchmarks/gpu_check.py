@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/gpu_check.py --quick --out /tmp/gpu    # CPU smoke test
 
 Part 1: ResNet-18 (CIFAR form, 100 classes, 11.2 M parameters) on CIFAR-shaped random data
-at 8 stages (delays 14..0), SGD momentum 0.9: time per tick (median of 3 timed windows after
+at 8 stages (delays 14..0), SGD lr 0.005 momentum 0.9 (latest diverges at 0.05 on random labels): time per tick (median of 3 timed windows after
 filling the pipeline) and peak GPU memory (`torch.cuda.max_memory_allocated`, reset before
 each strategy's model is built) for sync, stash, ema and latest, measured one after another
 in this process, with the bytes of weight history each strategy holds.
@@ -27,6 +27,7 @@ On an H200 the defaults should take a few minutes (an estimate: never run on one
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import os
@@ -64,13 +65,14 @@ def peak_bytes(device: torch.device) -> int | None:
 def resnet_tick_times(weights: str, device: torch.device, stages: int, batch: int, ticks: int,
                       precision: str | None = None) -> dict[str, Any]:
     """Time per tick and peak memory of ResNet-18 under one weight strategy (and autocast)."""
+    gc.collect()  # the previous strategy's pipeline (hooks make reference cycles) must be gone
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = build_model("resnet18").to(device)
     pipe = Pipeline(model, stages=stages, weights=weights, loss_fn=F.cross_entropy, mixed_precision=precision,
-                    optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9))
+                    optimizer=lambda ps: torch.optim.SGD(ps, lr=0.005, momentum=0.9))
     g = torch.Generator(device="cpu").manual_seed(1)
     data = [(torch.randn(batch, 3, 32, 32, generator=g).to(device), torch.randint(0, 100, (batch,), generator=g).to(device))
             for _ in range(4)]

@@ -190,3 +190,25 @@ def test_sync_warmup_over_the_whole_run_is_ordinary_training():
     partial = weights(weights="stash", sync_warmup=5)
     assert partial != sync and partial != weights(weights="stash")
     assert torch.isfinite(torch.tensor(partial))
+
+
+def test_one_process_moves_inputs_and_labels_to_the_device(monkeypatch):
+    # regression: the single-process engine holds the last stage too, so its labels must go to
+    # the device (on CUDA they stayed on the CPU and the loss failed on the first batch)
+    import layerpipe.training.loop as loop
+
+    moved = []
+    real = loop.to_device
+
+    def recording(value, device):
+        moved.append(value)
+        return real(value, device)
+
+    monkeypatch.setattr(loop, "to_device", recording)
+    config = TrainConfig(**{**SMALL, "epochs": 1}, weights="stash", stages="3")
+    from layerpipe.training.build import build
+
+    _, data, _ = build(config)
+    train(config, progress=False)
+    assert any(torch.equal(m, data.x_train) for m in moved if m.shape == data.x_train.shape)
+    assert any(torch.equal(m, data.y_train) for m in moved if m.shape == data.y_train.shape)

@@ -27,7 +27,6 @@ On an H200 the defaults should take a few minutes (an estimate: never run on one
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import multiprocessing
 import os
@@ -62,10 +61,10 @@ def peak_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def resnet_tick_times(weights: str, device: torch.device, stages: int, batch: int, ticks: int,
+def resnet_tick_times(weights: str, device: str, stages: int, batch: int, ticks: int,
                       precision: str | None = None) -> dict[str, Any]:
     """Time per tick and peak memory of ResNet-18 under one weight strategy (and autocast)."""
-    gc.collect()  # the previous strategy's pipeline (hooks make reference cycles) must be gone
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -98,9 +97,9 @@ def resnet_tick_times(weights: str, device: torch.device, stages: int, batch: in
 
 
 def gpt_validation(weights: str, device: str, samples: int, epochs: int, stages: str = "4",
-                   model_options: tuple[str, ...] = (), seed: int = 0) -> dict[str, Any]:
-    """Train the transformer under one strategy (its recipe); its validation loss and accuracy."""
-    config = TrainConfig(model="gpt", stages=stages, weights=weights, device=device, samples=samples,
+                   model_options: tuple[str, ...] = (), seed: int = 0, lr: float | None = None) -> dict[str, Any]:
+    """Train the transformer under one strategy (its recipe, or another lr); its validation loss."""
+    config = TrainConfig(model="gpt", stages=stages, weights=weights, device=device, samples=samples, lr=lr,
                          epochs=epochs, threads=0, seed=seed, model_options=parse_model_options(list(model_options)))
     result = train(config, progress=False)
     return {
@@ -108,6 +107,7 @@ def gpt_validation(weights: str, device: str, samples: int, epochs: int, stages:
         "stages": stages,
         "model_options": list(model_options),
         "seed": seed,
+        "lr": config.lr,
         "delays": result.delays,
         "validation_loss": result.test_loss,
         "validation_accuracy": result.test_accuracy,
@@ -123,36 +123,24 @@ def save(report: dict[str, Any], out: Path) -> None:
     (out / "gpu-check.md").write_text(markdown(report))
 
 
-def run_part(name: str, fn, report: dict[str, Any], out: Path) -> None:
-    """Run one measurement; a failure is recorded (and printed) instead of losing the rest."""
-    try:
-        record(name, fn(), report, out)
-    except Exception:  # the script must still write what it measured
-        report.setdefault("errors", []).append(f"{name}: {traceback.format_exc()}")
-        print(f"{name} FAILED:\n{traceback.format_exc()}", flush=True)
-        save(report, out)
-
-
 def record(name: str, row: dict[str, Any], report: dict[str, Any], out: Path) -> None:
     report.setdefault(name, []).append(row)
     print(f"{name}: {json.dumps(row)}", flush=True)
     save(report, out)
 
 
-def run_gpt_parts(runs: list[dict[str, Any]], jobs: int, report: dict[str, Any], out: Path) -> None:
-    """The transformer runs, `jobs` at a time in spawned processes (CUDA needs spawn)."""
-    if jobs <= 1:
-        for kwargs in runs:
-            run_part("gpt", lambda: gpt_validation(**kwargs), report, out)
-        return
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(gpt_validation, **kwargs): kwargs for kwargs in runs}
+def run_in_processes(name: str, fn, runs: list[dict[str, Any]], jobs: int, report: dict[str, Any], out: Path) -> None:
+    """Each run in a fresh spawned process (CUDA needs spawn), `jobs` at a time: a fresh
+    process per run also gives each its own clean peak-memory count."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max(jobs, 1), mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(fn, **kwargs): kwargs for kwargs in runs}
         for future in as_completed(futures):
             try:
-                record("gpt", future.result(), report, out)
-            except Exception:
-                report.setdefault("errors", []).append(f"gpt {futures[future]}: {traceback.format_exc()}")
-                print(f"gpt {futures[future]} FAILED:\n{traceback.format_exc()}", flush=True)
+                record(name, future.result(), report, out)
+            except Exception:  # the script must still write what it measured
+                report.setdefault("errors", []).append(f"{name} {futures[future]}: {traceback.format_exc()}")
+                print(f"{name} {futures[future]} FAILED:\n{traceback.format_exc()}", flush=True)
                 save(report, out)
 
 
@@ -165,7 +153,7 @@ def markdown(report: dict[str, Any]) -> str:
     rows = report.get("resnet18", [])
     if rows:
         sync = next((r for r in rows if r["weights"] == "sync"), None)
-        piped = rows[-1]  # delays as pipelined (sync's are all zero)
+        piped = max(rows, key=lambda r: sum(r["delays"]))  # delays as pipelined (sync's are all zero)
         lines += ["## ResNet-18 (CIFAR form), random 32x32 data, batch "
                   f"{report['args']['resnet_batch']}, stages {piped['stages']}, delays {piped['delays']}", "",
                   "| weights | ms / tick | x sync | peak memory (MiB) | x sync | weight history / \\|W\\| |",
@@ -181,11 +169,11 @@ def markdown(report: dict[str, Any]) -> str:
     rows = report.get("gpt", [])
     if rows:
         lines += [f"## Transformer (gpt, byte level, its recipe), {rows[0]['samples']} windows, {rows[0]['epochs']} epochs", "",
-                  "| stages | model options | seed | weights | delays | validation loss (nats/byte) | next-byte accuracy % "
-                  "| weight history (MiB) | seconds |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(rows, key=lambda r: (r["stages"], r["model_options"], r["seed"], STRATEGIES.index(r["weights"]))):
-            lines.append(f"| {r['stages']} | {' '.join(r['model_options']) or '-'} | {r['seed']} | {r['weights']} | {r['delays']} "
+                  "| stages | model options | seed | lr | weights | delays | validation loss (nats/byte) "
+                  "| next-byte accuracy % | weight history (MiB) | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: (r["stages"], r["model_options"], r["seed"], -r["lr"], STRATEGIES.index(r["weights"]))):
+            lines.append(f"| {r['stages']} | {' '.join(r['model_options']) or '-'} | {r['seed']} | {r['lr']:g} | {r['weights']} | {r['delays']} "
                          f"| {r['validation_loss']:.3f} | {100 * r['validation_accuracy']:.1f} | "
                          f"{r['weight_history_bytes'] / 2**20:.2f} | {r['seconds']:.0f} |")
         lines.append("")
@@ -206,6 +194,8 @@ def main() -> int:
     p.add_argument("--gpt-option", action="append", default=[], metavar="KEY=VALUE",
                    help="transformer model option, repeatable (e.g. n_layer=6)")
     p.add_argument("--gpt-seeds", default="0", help="comma-separated seeds of the transformer runs")
+    p.add_argument("--gpt-weights", default="sync,stash,ema", help="weight strategies of the transformer runs")
+    p.add_argument("--gpt-lr", default="", help="comma-separated learning rates (default: the recipe's)")
     p.add_argument("--gpt-jobs", type=int, default=1, help="transformer runs at a time, each its own process")
     p.add_argument("--parts", default="resnet,resnet-bf16,gpt", help="which parts to run, comma-separated")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the script itself")
@@ -221,21 +211,22 @@ def main() -> int:
         "environment": environment(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
-    if report["environment"]["commit"] is None:  # a copy of the tree without .git: the caller names it
-        report["environment"]["commit"] = os.environ.get("LAYERPIPE_COMMIT")
+    if os.environ.get("LAYERPIPE_COMMIT"):  # a copy of the tree (its .git may be stale): the caller names it
+        report["environment"]["commit"] = os.environ["LAYERPIPE_COMMIT"]
     parts = set(args.parts.split(","))
-    if "resnet" in parts:
-        for weights in STRATEGIES:
-            run_part("resnet18", lambda: resnet_tick_times(weights, device, 8, args.resnet_batch, args.ticks), report, out)
-    if "resnet-bf16" in parts:  # bf16 autocast: the strategies stay exact (issue 13)
-        for weights in ("sync", "stash", "ema"):
-            run_part("resnet18", lambda: resnet_tick_times(weights, device, 8, args.resnet_batch, args.ticks, "bf16"),
-                     report, out)
+    resnet_runs = [dict(weights=w, device=str(device), stages=8, batch=args.resnet_batch, ticks=args.ticks)
+                   for w in STRATEGIES if "resnet" in parts]
+    resnet_runs += [dict(weights=w, device=str(device), stages=8, batch=args.resnet_batch, ticks=args.ticks,
+                         precision="bf16")  # bf16 autocast: the strategies stay exact (issue 13)
+                    for w in ("sync", "stash", "ema") if "resnet-bf16" in parts]
+    run_in_processes("resnet18", resnet_tick_times, resnet_runs, 1, report, out)  # one at a time: clean timings
     if "gpt" in parts:
         runs = [dict(weights=w, device=str(device), samples=args.gpt_samples, epochs=args.gpt_epochs,
-                     stages=args.gpt_stages, model_options=tuple(args.gpt_option), seed=int(seed))
-                for seed in args.gpt_seeds.split(",") for w in ("sync", "stash", "ema")]
-        run_gpt_parts(runs, args.gpt_jobs, report, out)
+                     stages=args.gpt_stages, model_options=tuple(args.gpt_option), seed=int(seed),
+                     lr=float(lr) if lr else None)
+                for seed in args.gpt_seeds.split(",") for lr in args.gpt_lr.split(",")
+                for w in args.gpt_weights.split(",")]
+        run_in_processes("gpt", gpt_validation, runs, args.gpt_jobs, report, out)
     save(report, out)
     print(markdown(report))
     return 1 if report.get("errors") else 0

@@ -261,7 +261,7 @@ class DistributedEngine:
         return self.worker.evaluate(x, y)
 
     def history_bytes(self) -> int:
-        return self.worker.stage.history_bytes()
+        return self.worker.history_bytes()
 
     def epoch_stats(self, losses: list[Tensor], test: tuple[float, float] | None) -> EpochStats | None:
         return self.worker.epoch_stats(losses, test)

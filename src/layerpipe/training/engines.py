@@ -287,6 +287,11 @@ class DistributedEngine:
         merged: dict[str, Tensor] = {}
         for s in states:
             merged.update(s)
+        split = self.worker.split
+        if split is not None:  # the model's own order (a tied alias such as lm_head.weight comes from its owner)
+            order = [name for name in split.model.state_dict() if name in merged]
+            known = set(order)
+            merged = {name: merged[name] for name in order + [n for n in merged if n not in known]}
         return merged
 
     def close(self) -> None:

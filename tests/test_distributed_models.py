@@ -107,9 +107,9 @@ def make_data(n: int = 47, n_test: int = 30, seed: int = 1) -> dict:
     return {"x_train": part(slice(0, n)), "y_train": y[:n], "x_test": part(slice(n, None)), "y_test": y[n:]}
 
 
-def case(split_points, weights, schedule="layerpipe", opt="sgd", epochs=2, batch=5, model="skip"):
+def case(split_points, weights, schedule="layerpipe", opt="sgd", epochs=2, batch=5, model="skip", **extra):
     return dict(split_points=split_points, weights=weights, schedule=schedule, opt=opt, epochs=epochs, batch=batch,
-                model=model)
+                model=model, **extra)
 
 
 def single_reference(c: dict) -> dict:
@@ -152,14 +152,25 @@ def worker_cases(spec: dict) -> None:
     torch.set_num_threads(1)
     comm = Comm(World.from_env(), timeout=spec.get("timeout", 30), dp=spec.get("dp", 1))
     out = Path(spec["out"])
-    for i, c in enumerate(spec["cases"]):
+    def build(c: dict):
         model, data, loss_fn = model_parts(c.get("model", "skip"))
         strategy, schedule = resolve_strategy(c["weights"], c["schedule"])
         split = cut_model(model, None, c["split_points"], take(data["x_train"], slice(0, c["batch"])))
         worker = StageWorker(comm, model, split_spec(split.split_points, schedule), weights=strategy,
                              optimizer=OPTIMIZERS[c["opt"]], loss_fn=loss_fn, split=split)
+        return worker, data
+
+    for i, c in enumerate(spec["cases"]):
+        worker, data = build(c)
         losses = []
         for epoch in range(c["epochs"]):
+            if epoch and c.get("restart"):  # a fresh process's worker from this one's checkpoint
+                state = worker.state_dict()
+                worker, data = build(c)
+                with torch.no_grad():  # other weights: everything must come from the state
+                    for p in worker.module.parameters():
+                        p.add_(1.0)
+                worker.load_state_dict(state)
             order = epoch_order(len(data["y_train"]), c["batch"], 0, epoch)
             losses += [float(v) for v in worker.run_epoch(data["x_train"], data["y_train"], order)]
         test = worker.evaluate(data["x_test"], data["y_test"])
@@ -254,7 +265,8 @@ TIED_CASES = {
     2: [tied_case(["b"], "sync"), tied_case(["b"], "stash"), tied_case(["b"], "ema", opt="adam"),
         tied_case(["b"], "ema", "pipedream")],
     3: [tied_case(["a", "head"], "sync"), tied_case(["a", "head"], "stash", opt="adam"), tied_case(["a", "head"], "ema"),
-        tied_case(["a", "b"], "stash"), tied_case(["a", "b"], "ema", "pipedream", opt="adam")],
+        tied_case(["a", "b"], "stash"), tied_case(["a", "b"], "ema", "pipedream", opt="adam"),
+        tied_case(["a", "head"], "ema", restart=True)],  # resumed after epoch 0: the users' replicas too
 }
 
 

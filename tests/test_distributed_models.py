@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -240,14 +239,14 @@ def test_split_model_distributed_equals_single_process_bit_for_bit(nproc, tmp_pa
 
 def plain_pytorch(c: dict) -> dict[str, torch.Tensor]:
     """Ordinary training of the whole model on the same microbatches (what `sync` must equal)."""
+    from layerpipe.training import epoch_order
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model, data, loss_fn = model_parts(c["model"])
         opt = OPTIMIZERS[c["opt"]](list(model.parameters()))
         for epoch in range(c["epochs"]):
-            from layerpipe.training import epoch_order
-
             for idx in epoch_order(len(data["y_train"]), c["batch"], 0, epoch):
                 opt.zero_grad()
                 loss_fn(model(data["x_train"][idx]), data["y_train"][idx]).backward()

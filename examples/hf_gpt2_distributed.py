@@ -9,9 +9,10 @@ seed, cuts it at `transformer.h.2` (traced on the first batch: input_ids, attent
 use_cache=False), keeps its own stage and trains it with the one training loop; the result
 comes back on rank 0. The boundary carries two tensors: the hidden states (with their
 gradient back) and the causal attention mask (boolean, no gradient). GPT-2 ties its output
-layer to the token embedding (stage 0's and stage 1's): parameters shared across processes
-are not supported yet, so the model is built untied (`tie_word_embeddings=False`); in one
-process a tied model trains as it is. Needs `transformers`; downloads nothing.
+layer to the token embedding (`wte`, read by stage 0 and stage 1): stage 0 owns it and
+applies the sum of both stages' gradients, and stage 1 receives each new value (and keeps
+its own history of it under `stash` or `ema`), so two processes train the numbers of one.
+Needs `transformers`; downloads nothing.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def make_model():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=0,
-                        eos_token_id=0, tie_word_embeddings=False,
+                        eos_token_id=0,  # tie_word_embeddings=True, the default: lm_head is wte
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: same numbers anywhere
     return GPT2LMHeadModel(config)
 

@@ -202,3 +202,45 @@ def test_one_process_world_equals_the_single_process_engine(weights, tmp_path):
     assert result.test_loss == test_loss and result.test_accuracy == test_acc
     assert [r["epoch"] for r in result.history] == [1, 2] and result.stages == [4] and result.delays == [0]
     assert set(result.summary()) >= {"test_accuracy", "weight_history_bytes", "stash_bytes", "run_dir"}
+
+
+# -- parameters tied across processes: who owns, who reads, what is refused ---------------------------
+def _tied_stages(weights: str):
+    """Stage k of a 3-stage Sequential whose first and last layers share a weight, linked as
+    its process links it (no messages are sent)."""
+    from types import SimpleNamespace
+
+    from layerpipe.engine.build import build_stages, sequential_modules
+    from layerpipe.engine.distributed.tied import TiedLinks
+    from layerpipe.engine.distributed.transport import MeshLayout
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[4].weight = model[0].weight
+    spec = sequential_spec(model, [2, 2, 1], "layerpipe", None)
+    modules = sequential_modules(model, spec)
+    comm = SimpleNamespace(layout=MeshLayout(3), replica=0)
+    out = []
+    for k in range(3):
+        (stage,) = build_stages(modules, spec, weights, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                                F.cross_entropy, only=k)
+        out.append((stage, TiedLinks(comm, stage, modules, spec, weights)))
+    return model, out
+
+
+def test_tied_parameter_across_processes_has_one_owner_and_a_replica_strategy_per_user():
+    model, stages = _tied_stages("ema")
+    (s0, t0), (s1, t1), (s2, t2) = stages
+    w = model[0].weight
+    assert any(p is w for p in s0.owned) and not any(p is w for p in s2.owned)
+    assert [u.index for u in t0.users] == [2] and t0.users[0].rank == 2 and not t0.owners
+    assert not t1.active
+    (owner,) = t2.owners
+    assert owner.index == 0 and owner.rank == 0 and owner.owned[0] is w
+    assert owner.strategy.delay == s0.delay and owner.strategy.alpha == s0.strategy.alpha  # the owner's EMA
+    assert s2.params[-1] is w and s2.strategy is not owner.strategy
+
+
+def test_tied_parameter_across_processes_refuses_a_strategy_that_reads_the_optimizer():
+    with pytest.raises(PlanError, match="weights 'momentum' reads the optimizer's state"):
+        _tied_stages("momentum")

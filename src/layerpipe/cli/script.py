@@ -4,7 +4,7 @@ one process per stage (under `layerpipe launch --nproc K` or `torchrun --nproc-p
     import layerpipe
 
     def make_model():                      # called in every process after torch.manual_seed(seed)
-        return GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=64, vocab_size=128, tie_word_embeddings=False))
+        return GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=64, vocab_size=128))
 
     def make_data():                       # then this: x_train, y_train, x_test, y_test
         ...
@@ -98,8 +98,8 @@ def train_pipeline(
         dp: data-parallel replicas of every stage (under a launcher of K x dp processes);
             `batch_size` is then per replica, as `layerpipe train --dp`.
 
-    A parameter read by stages in different processes (tied embeddings) is refused with a
-    PlanError: untie it (`tie_word_embeddings=False`) or train in one process.
+    A parameter read by stages in different processes (tied embeddings) is owned by its first
+    reader and gives the single-process numbers (`engine.distributed.tied`).
     """
     from layerpipe.engine.distributed import World
 

@@ -16,7 +16,6 @@ from torch import nn
 
 from layerpipe.compensate import attach_stage, build_optimizer
 from layerpipe.engine.stage import LossFn, OptimizerFactory, SchedulerFactory, Stage, TiedGrads
-from layerpipe.errors import PlanError
 from layerpipe.plan import PipelineSpec
 from layerpipe.weights import make_strategy
 
@@ -37,23 +36,16 @@ def build_stages(
 ) -> list[Stage]:
     """One `Stage` per module (or only stage `only`), each with its optimizer and strategy.
 
-    A parameter read by several modules is owned by the first (see the module docstring);
-    that needs every stage in one process (`only` is then an error). `compensation`:
+    A parameter read by several modules is owned by the first (see `engine.stage`): its
+    stage's optimizer holds it. With every stage here they are linked at once; with `only`
+    (the distributed runtime) the caller links them (`engine.distributed.tied`). `compensation`:
     delay-compensation specs (`layerpipe.compensate`, e.g. ["predict"]) that build or wrap
     each stage's optimizer knowing the stage's delay."""
     options = dict(weight_options or {})
     last = spec.num_stages - 1
-    users: dict[int, list[int]] = {}
-    by_id: dict[int, nn.Parameter] = {}
-    for k, m in enumerate(modules):
-        for p in m.parameters():
-            if p.requires_grad:
-                users.setdefault(id(p), []).append(k)
-                by_id[id(p)] = p
+    users = param_users(modules)
+    by_id = {id(p): p for m in modules for p in m.parameters()}
     tied = {i: ks for i, ks in users.items() if len(ks) > 1}
-    if tied and only is not None:
-        raise PlanError("parameters shared by several stages (tied weights) need the single-process engine; "
-                        "the one-process-per-stage runtime does not support them yet")
     stages = []
     for k in range(spec.num_stages):
         if only is not None and k != only:
@@ -69,12 +61,23 @@ def build_stages(
         for stage in stages:
             if stage.optimizer is not None:
                 attach_stage(stage)
-    if tied:
+    if tied and only is None:
         grads = TiedGrads()
         owners = {i: stages[ks[0]] for i, ks in tied.items()}
         for s in stages:
             s.link_tied(owners, grads, [by_id[i] for i, ks in tied.items() if ks[0] == s.index])
     return stages
+
+
+def param_users(modules: Sequence[nn.Module]) -> dict[int, list[int]]:
+    """id(parameter) -> the stages whose module reads it (trainable parameters only), in
+    stage order: the first is its owner."""
+    users: dict[int, list[int]] = {}
+    for k, m in enumerate(modules):
+        for p in m.parameters():
+            if p.requires_grad:
+                users.setdefault(id(p), []).append(k)
+    return users
 
 
 def sequential_modules(model: nn.Sequential, spec: PipelineSpec) -> list[nn.Module]:

@@ -189,10 +189,12 @@ class Stage:
         # dtypes skip the (costlier) cast check in the pack hook
         self._param_dtypes = {p.dtype for p in self.params}
 
-    def link_tied(self, owners: Mapping[int, Stage], tied: TiedGrads, owned_tied: Sequence[nn.Parameter]) -> None:
-        """Read the tied parameters owned by other stages (`owners`: id(param) -> owner stage)
-        through their owners' strategies; `owned_tied`: this stage's own tied parameters,
-        whose other users' gradient parts it adds in its backward."""
+    def link_tied(self, owners: Mapping[int, Any], tied: TiedGrads, owned_tied: Sequence[nn.Parameter]) -> None:
+        """Read the tied parameters owned by other stages (`owners`: id(param) -> owner stage,
+        or any object with its `index`, `strategy` and `owned`, such as the distributed
+        runtime's replica of a remote owner) through their owners' strategies; `owned_tied`:
+        this stage's own tied parameters, whose other users' gradient parts it adds in its
+        backward."""
         self._tied = tied
         self._owned_tied = list(owned_tied)
         groups: dict[int, tuple[Stage, list[nn.Parameter]]] = {}

@@ -261,7 +261,7 @@ class DistributedEngine:
         return self.worker.evaluate(x, y)
 
     def history_bytes(self) -> int:
-        return self.worker.stage.history_bytes()
+        return self.worker.history_bytes()
 
     def epoch_stats(self, losses: list[Tensor], test: tuple[float, float] | None) -> EpochStats | None:
         return self.worker.epoch_stats(losses, test)
@@ -287,6 +287,11 @@ class DistributedEngine:
         merged: dict[str, Tensor] = {}
         for s in states:
             merged.update(s)
+        split = self.worker.split
+        if split is not None:  # the model's own order (a tied alias such as lm_head.weight comes from its owner)
+            order = [name for name in split.model.state_dict() if name in merged]
+            known = set(order)
+            merged = {name: merged[name] for name in order + [n for n in merged if n not in known]}
         return merged
 
     def close(self) -> None:

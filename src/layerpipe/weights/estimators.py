@@ -114,6 +114,7 @@ class MomentumReuse(WeightStrategy):
     """SpecTrain-style W_now + n * lr * (SGD momentum buffer), zero extra memory"""
 
     name = "momentum"
+    reads_optimizer = True
 
     def __init__(self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         super().__init__(params, delay, optimizer)

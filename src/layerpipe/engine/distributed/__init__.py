@@ -2,8 +2,9 @@
 
 By concern: `transport` (point-to-point messages, collectives, the store), `monitor`
 (failures as data: the first failure, heartbeats, blame for a timeout), `worker` (one
-stage's tick program, its pipelined evaluation and its state). The training loop drives a
-`StageWorker` through `layerpipe.training.engines.DistributedEngine`.
+stage's tick program, its pipelined evaluation and its state), `tied` (parameters read by
+stages in different processes: gradient parts to the owner, new values back). The training
+loop drives a `StageWorker` through `layerpipe.training.engines.DistributedEngine`.
 """
 from layerpipe.engine.distributed.monitor import FailureMonitor, StageFailure
 from layerpipe.engine.distributed.transport import Comm, World, choose_backend

@@ -63,11 +63,6 @@ def checked_split(split: SplitModel, num_stages: int) -> list[list[ValueSpec]]:
                         "they must be equal (one stage per process)")
     if split.boundary_specs is None:
         raise PlanError("the split model has no boundary shapes: split it with example inputs")
-    tied = split.tied_params()
-    if tied:
-        names = ", ".join(f"{n} (stages {', '.join(map(str, ks))})" for n, ks in list(tied.items())[:3])
-        raise PlanError(f"parameters read by stages in different processes are not supported yet: {names}; untie "
-                        "them (for Hugging Face models: tie_word_embeddings=False) or train in one process")
     return split.boundary_specs
 
 

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 # message tags: each direction of a link carries one kind in training, and gloo matches a
 # receive by (source, tag), so the tags only make the stream self-describing
-ACT, GRAD, EVAL, STATS = 1, 2, 3, 4
+ACT, GRAD, EVAL, STATS, TIED_GRAD, TIED_VALUE = 1, 2, 3, 4, 5, 6
 
 
 @dataclass(frozen=True)

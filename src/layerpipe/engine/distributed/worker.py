@@ -33,8 +33,9 @@ one message each, in the order of `split.boundaries[k]`; each has the shape of t
 spec with the batch dimension (where `batched`) set to the microbatch's size. Integer and
 boolean values (token ids, masks) and values that need no gradient send none back. Stage 0
 takes the user's inputs (a tensor, a tuple or a dict of keyword tensors, samples along dim 0)
-and the last stage `loss_fn(model_output, target)`. Parameters read by stages in different
-processes (tied embeddings) are refused with a `PlanError` (not supported yet).
+and the last stage `loss_fn(model_output, target)`. A parameter read by stages in different
+processes (tied embeddings) has one owner, its first reader; the others send it their
+gradient parts and receive its new values (`tied`), with the numbers of one process.
 
 Not the same numbers as one process: models that draw random numbers in the forward pass
 (dropout): each process has its own random stream.
@@ -65,6 +66,7 @@ from torch import Tensor, nn
 from layerpipe.engine.batch import accuracy_counts, as_call, num_samples, take, to_device
 from layerpipe.engine.distributed.boundaries import checked_split, message_shape, needs_grad, sequential_boundaries
 from layerpipe.engine.distributed.faults import FAULT_ENV, inject, parse_fault
+from layerpipe.engine.distributed.tied import TiedLinks
 from layerpipe.engine.distributed.transport import ACT, EVAL, GRAD, STATS, Comm, Pending
 from layerpipe.engine.build import build_stages, sequential_modules
 from layerpipe.engine.stage import LossFn, OptimizerFactory
@@ -163,6 +165,8 @@ class StageWorker:
         self.loss_weights: list[float] = []
         (self.stage,) = build_stages(modules, spec, weights, optimizer, loss_fn, weight_options, only=k,
                                      compensation=compensation)
+        #: tied parameters shared with other stages' processes (inactive when there are none)
+        self.tied = TiedLinks(comm, self.stage, modules, spec, weights, weight_options)
         self.loss_fn = loss_fn
         self.tick = 0
         self.next_mb = 0
@@ -276,6 +280,8 @@ class StageWorker:
         n = len(order)
         sizes = [len(idx) for idx in order]
         base = self.next_mb
+        tied = self.tied  # tied parameters shared with other processes (no-ops without any)
+        tied.begin_epoch(n, base)
         acts: dict[int, list[Pending]] = {}  # producer tick -> posted receives
         grads: dict[int, list[Pending]] = {}
         losses: list[Tensor] = []
@@ -291,6 +297,7 @@ class StageWorker:
             i = timing.forward(k - 1, t, n) if k > 0 else None
             if i is not None:
                 acts[t] = self._post_values(self.prev, ins, sizes[i], ACT)
+            tied.apply_values(t)  # the owners' updates of tick t-1, before the forward
             # 2. forward
             i = timing.forward(k, t, n)
             if i is not None:
@@ -304,15 +311,18 @@ class StageWorker:
             j = timing.backward(k + 1, t, n) if grad_outs else None
             if j is not None:
                 grads[t] = self._post_values(self.next, [outs[i] for i in grad_outs], sizes[j], GRAD)
+            tied.post_parts(t)
             # 3. backward and update
             j = timing.backward(k, t, n)
             if j is not None:
                 self._backward(base + j, sizes[j], ins, outs, grad_ins, grad_outs,
                                grads.pop(t - timing.gradient_slack(k)) if grad_outs else [], self.loss_weights[j])
+            tied.post_values(t)
             self.tick += 1
             if on_forward is not None and t < n:  # once per tick a microbatch entered, as `Pipeline.step`
                 on_forward()
         self.next_mb += n
+        tied.end_epoch(timing.length(n))
         if acts or grads or stage.inflight:  # a bug, not a user error
             raise RuntimeError(f"stage {k}: the epoch ended with messages or microbatches left over")
         return losses
@@ -331,6 +341,7 @@ class StageWorker:
             for i, p in zip(grad_outs, posted):
                 full[i] = comm.wait(p)
             g = self._unpack(full)
+        self.tied.take_parts(mb)
         g_in = self.stage.backward(mb, g)
         reduce = self._start_gradient_reduce(loss_weight) if self.dp > 1 else None
         g_ins = g_in if self._tuples else (g_in,)
@@ -339,9 +350,11 @@ class StageWorker:
             if v is None:  # the input did not reach the output
                 v = torch.zeros(message_shape(ins[i], size), dtype=ins[i].dtype, device=comm.device)
             comm.send(self.prev, v, GRAD)
+        self.tied.send_parts(mb)
         if reduce is not None:
             self._finish_gradient_reduce(reduce)
         self.stage.update()
+        self.tied.send_values()
 
     def model_state_dict(self) -> dict[str, Tensor]:
         """This stage's part of the model's `state_dict`, under the model's own names (merge
@@ -358,7 +371,7 @@ class StageWorker:
         the replicas' shares, so it is the mean loss of the global microbatches), the test
         numbers of replica 0's pipeline, the history bytes of one replica's pipeline."""
         comm, k, last = self.comm, self.rank, self.num_stages - 1
-        mine = [float(self.stage.history_bytes()) if self.replica == 0 else 0.0, float("nan"), float("nan"),
+        mine = [float(self.history_bytes()) if self.replica == 0 else 0.0, float("nan"), float("nan"),
                 float("nan")]
         if k == last:
             if losses and self.dp == 1:
@@ -383,11 +396,18 @@ class StageWorker:
             weight_history_bytes=int(sum(r[0] for r in rows)),
         )
 
+    def history_bytes(self) -> int:
+        """Bytes this process holds for past weights: its stage's, and its replicas of the
+        strategies of tied parameters owned elsewhere."""
+        return self.stage.history_bytes() + self.tied.history_bytes()
+
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """This stage's state between epochs (nothing in flight)."""
-        return {"tick": self.tick, "next_mb": self.next_mb, "stage": self.stage.state_dict()}
+        return {"tick": self.tick, "next_mb": self.next_mb, "stage": self.stage.state_dict(),
+                "tied": self.tied.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tick, self.next_mb = int(state["tick"]), int(state["next_mb"])
         self.stage.load_state_dict(state["stage"])
+        self.tied.load_state_dict(state.get("tied", []))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import statistics
 import sys
 import time
@@ -211,8 +210,6 @@ def main() -> int:
         "environment": environment(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
-    if os.environ.get("LAYERPIPE_COMMIT"):  # a copy of the tree (its .git may be stale): the caller names it
-        report["environment"]["commit"] = os.environ["LAYERPIPE_COMMIT"]
     parts = set(args.parts.split(","))
     resnet_runs = [dict(weights=w, device=str(device), stages=8, batch=args.resnet_batch, ticks=args.ticks)
                    for w in STRATEGIES if "resnet" in parts]

@@ -14,7 +14,10 @@ from typing import Any
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
-    """The current commit of the repository holding the code, or None outside a checkout."""
+    """The current commit of the repository holding the code, or None outside a checkout.
+    LAYERPIPE_COMMIT, where set, names it instead (a copied tree whose .git is stale or absent)."""
+    if os.environ.get("LAYERPIPE_COMMIT"):
+        return os.environ["LAYERPIPE_COMMIT"]
     here = Path(cwd) if cwd else Path(__file__).resolve().parent
     try:
         out = subprocess.run(

@@ -23,6 +23,9 @@ class WeightStrategy:
     name: ClassVar[str] = "base"
     #: False for measurement tools that cannot be saved in a checkpoint
     checkpointable: ClassVar[bool] = True
+    #: True when `backward_weights` always returns the live weights (`params`): the engine
+    #: then keeps no reference per saved parameter (cheaper saved-tensor hooks)
+    live_backward: ClassVar[bool] = False
 
     def __init__(self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.params = [p.detach() for p in params]  # detached aliases: see in-place updates, no autograd

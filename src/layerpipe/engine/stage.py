@@ -165,6 +165,9 @@ class Stage:
         # a cast copy has another dtype than its parameter: tensors of the parameters' own
         # dtypes skip the (costlier) cast check in the pack hook
         self._param_dtypes = {p.dtype for p in self.params}
+        # what the parameters point at again after a backward on another version (made once:
+        # `p.data` makes a new tensor object per call)
+        self._live_data = [p.detach() for p in self.params]
         # a backward on the live weights (`latest`) needs no reference per saved parameter,
         # only that autograd accept the optimizer's in-place update (not a cast copy: it holds
         # the forward's weights)
@@ -304,7 +307,7 @@ class Stage:
                 p.grad = None
         # a recompute (activation checkpointing) reads the parameters themselves: point them at
         # the chosen version while the backward runs; the live storage comes back after
-        live = [p.data for p in self.params] if differs else None
+        live = self._live_data if differs else None
         try:
             if live is not None:
                 for p, w in zip(self.params, weights):

@@ -71,9 +71,9 @@ class ScratchPool:
             return None
         sizes = [t.numel() for t in like]
         free = self._free.setdefault((first.dtype, first.device), [])
-        block = next((b for b in free if b.numel() >= sum(sizes)), None)
-        if block is not None:
-            free.remove(block)
+        fits = next((i for i, b in enumerate(free) if b.numel() >= sum(sizes)), None)
+        if fits is not None:
+            block = free.pop(fits)  # by position: `remove` would compare tensors by value
         else:
             if free:  # too small for this stage: its replacement covers it
                 free.pop()

@@ -97,3 +97,21 @@ def test_stage_without_parameters(name):
         pipe.step(torch.randn(5, 4), torch.randint(0, 3, (5,)))
     pipe.flush()
     assert pipe.stages[1].strategy.history_bytes() == 0
+
+
+def test_scratch_pool_reuses_one_block_across_stage_sizes():
+    """The ema rebuild's scratch: a block given back is lent again, to a smaller stage too;
+    a larger stage replaces it; mixed dtypes get no block (the strategy then allocates)."""
+    from layerpipe.weights.flat import ScratchPool
+
+    pool = ScratchPool()
+    big, small = [torch.zeros(4, 5), torch.zeros(3)], [torch.zeros(2, 2)]
+    block, views = pool.take(big)
+    assert [v.shape for v in views] == [p.shape for p in big] and block.numel() == 23
+    pool.give(block)
+    again, views = pool.take(small)
+    assert again is block and views[0].shape == (2, 2)
+    pool.give(again)
+    larger, _ = pool.take([torch.zeros(30)])
+    assert larger is not block and larger.numel() == 30
+    assert pool.take([torch.zeros(2), torch.zeros(2, dtype=torch.float64)]) is None

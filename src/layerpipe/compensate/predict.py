@@ -7,7 +7,7 @@ discrepancy correction) makes the gradient fresh when it lands. The backward sti
 weights the weight strategy gives for that forward's version (the live weights of that
 tick: exact with `stash`, rebuilt with `ema`), through the stage's saved-tensor hooks.
 
-Memory: with the `ema` strategy the prediction reuses its update average (`UpdateEMA._avg`,
+Memory: with the `ema` strategy the prediction reuses its update average (`UpdateEMA.shift_`,
 same alpha, same bias correction): zero extra bytes. With any other strategy this wrapper
 keeps its own average, |W_k| on stages with d_k > 0. The forward makes a transient copy of
 the live weights to restore them exactly afterwards (not history).
@@ -53,24 +53,22 @@ class Predict(Compensation):
             self._avg = [torch.zeros_like(p) for p in self._live]
         stage.forward_context = self.predicted_weights
 
-    def estimate(self) -> tuple[list[Tensor] | None, float]:
-        """(u, factor) with u_hat = factor * u, or (None, 0) before any update."""
+    def _predict_(self) -> bool:
+        """live += c d u_hat in place; False (nothing done) before any update."""
         if self._shared is not None:
-            avg, alpha, steps = self._shared._avg.views, self._shared.alpha, self._shared.steps  # type: ignore[union-attr]
-        else:
-            avg, alpha, steps = self._avg, self.alpha, self.steps
-        if avg is None or steps == 0:
-            return None, 0.0
-        return avg, 1.0 / (1.0 - (1.0 - alpha) ** steps)
+            return self._shared.shift_(self._live, self.c * self.delay)
+        if self._avg is None or self.steps == 0:
+            return False
+        factor = 1.0 / (1.0 - (1.0 - self.alpha) ** self.steps)
+        torch._foreach_add_(self._live, self._avg, alpha=self.c * self.delay * factor)
+        return True
 
     @contextmanager
     def predicted_weights(self) -> Iterator[None]:
-        u, factor = self.estimate()
-        if u is None:
+        saved = torch._foreach_mul(self._live, 1.0)
+        if not self._predict_():
             yield
             return
-        saved = torch._foreach_mul(self._live, 1.0)
-        torch._foreach_add_(self._live, u, alpha=self.c * self.delay * factor)
         try:
             yield
         finally:

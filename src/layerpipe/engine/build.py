@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from layerpipe.compensate import attach_stage, build_optimizer
-from layerpipe.engine.stage import LossFn, OptimizerFactory, SchedulerFactory, Stage, TiedGrads
+from layerpipe.engine.saved import TiedGrads
+from layerpipe.engine.stage import LossFn, OptimizerFactory, SchedulerFactory, Stage
 from layerpipe.plan import PipelineSpec
 from layerpipe.weights import make_strategy
 

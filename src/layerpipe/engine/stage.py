@@ -12,6 +12,10 @@ same view of the tensor the weight strategy chose (the stashed version, the EMA
 reconstruction, or the live weights). Activations are saved as usual. The weight gradient
 itself needs no weights, so it always lands in `param.grad` for the optimizer.
 
+A strategy whose backward reads the live weights (`latest`) needs none of this: its stage
+runs the forward without hooks and sets its parameters' autograd version counters back after
+each optimizer step, so autograd accepts the updated live weights in the later backward.
+
 Two other forms a weight takes before autograd saves it are handled the same way:
 - a dtype cast under `torch.autocast` (a copy whose autograd parent is the parameter): the
   pack hook keeps a reference and the dtype; the backward gets the chosen version, cast as
@@ -38,6 +42,7 @@ parameter gets one update per microbatch from the sum of all its users' gradient
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -47,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from layerpipe.compensate import history_bytes
+from layerpipe.engine.saved import STRIDED, ParamRef, TiedGrads, same_tensor, set_versions, storage_spans
 from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
 from layerpipe.weights import WeightStrategy
 
@@ -54,18 +60,6 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 #: called once per stage with its optimizer; the scheduler is stepped after every update
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-
-
-@dataclass(frozen=True)
-class _ParamRef:
-    """What the pack hook keeps instead of a saved parameter: which one, which view, and the
-    dtype autocast cast it to (None: not cast)."""
-
-    index: int
-    size: torch.Size
-    stride: tuple[int, ...]
-    offset: int  # storage offset relative to the parameter's own (or its cast copy's)
-    dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -78,23 +72,6 @@ class InFlight:
     foreign_versions: tuple[int, ...] = ()  # versions of the owners of its tied parameters
 
 
-class TiedGrads:
-    """The parts of a tied parameter's gradient computed by the stages that do not own it,
-    kept per (microbatch, parameter) until the owner's backward of that microbatch."""
-
-    def __init__(self) -> None:
-        self.parts: dict[tuple[int, int], Tensor] = {}
-
-    def add(self, mb: int, p: Tensor, grad: Tensor) -> None:
-        key = (mb, id(p))
-        prev = self.parts.get(key)
-        self.parts[key] = grad if prev is None else prev + grad
-
-    def pop(self, mb: int, p: Tensor) -> Tensor | None:
-        return self.parts.pop((mb, id(p)), None)
-
-    def __len__(self) -> int:
-        return len(self.parts)
 
 
 def _leaf(v: Any) -> Any:
@@ -176,18 +153,37 @@ class Stage:
         self._foreign_params: list[nn.Parameter] = []
         self._owned_tied: list[nn.Parameter] = []
         self._tied: TiedGrads | None = None
-        self._index_params()
         self._backward_weights: list[Tensor] | None = None
+        self._index_params()
         # set by a compensation (layerpipe.compensate.predict): the forward runs on predicted
         # weights inside this context; saved parameters still resolve to backward_weights
         self.forward_context: Callable[[], AbstractContextManager[Any]] | None = None
 
     def _index_params(self) -> None:
-        self._storage_index = {p.untyped_storage().data_ptr(): i for i, p in enumerate(self.params)}
+        self._span_starts, self._span_ends, self._span_index = storage_spans(self.params)
         self._param_index = {id(p): i for i, p in enumerate(self.params)}
         # a cast copy has another dtype than its parameter: tensors of the parameters' own
         # dtypes skip the (costlier) cast check in the pack hook
         self._param_dtypes = {p.dtype for p in self.params}
+        # what the parameters point at again after a backward on another version (made once:
+        # `p.data` makes a new tensor object per call)
+        self._live_data = [p.detach() for p in self.params]
+        # a backward on the live weights (`latest`) needs no reference per saved parameter,
+        # only that autograd accept the optimizer's in-place update (not a cast copy: it holds
+        # the forward's weights)
+        live = (self.strategy.live_backward and all(s.live_backward for s, _ in self._foreign)
+                and self._autocast is None)
+        #: the updates of this stage are hidden from autograd's version check (see `update`)
+        self.hides_updates = live and set_versions is not None
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(*((same_tensor, same_tensor) if live else (self._pack, self._unpack)))
+
+    def _forward_hooks(self) -> AbstractContextManager[Any]:
+        """The saved-tensor hooks of a forward: none where no update can come between it and
+        its backward (delay 0, the last stage or sync) or where updates are hidden (`latest`;
+        a compensation's forward context changes the weights in place, so not with one)."""
+        if (self.delay == 0 and not self._foreign) or (self.hides_updates and self.forward_context is None):
+            return nullcontext()
+        return self._hooks
 
     def link_tied(self, owners: Mapping[int, Any], tied: TiedGrads, owned_tied: Sequence[nn.Parameter]) -> None:
         """Read the tied parameters owned by other stages (`owners`: id(param) -> owner stage,
@@ -215,11 +211,13 @@ class Stage:
 
     # -- saved-tensor hooks -----------------------------------------------------------------
     def _pack(self, t: Tensor) -> Any:
-        if t.layout != torch.strided or t.device.type == "meta":
+        if t.layout is not STRIDED:
             return t
-        i = self._storage_index.get(t.untyped_storage().data_ptr())
-        if i is not None:
-            return _ParamRef(i, t.size(), t.stride(), t.storage_offset() - self.params[i].storage_offset())
+        ptr = t.data_ptr()  # 0 on the meta device and for empty tensors: no parameter
+        j = bisect_right(self._span_starts, ptr) - 1
+        if ptr and j >= 0 and ptr < self._span_ends[j]:
+            i = self._span_index[j]
+            return ParamRef(i, t.size(), t.stride(), t.storage_offset() - self.params[i].storage_offset())
         if t.dtype in self._param_dtypes or not t.is_floating_point():
             return t
         # autocast's copy of a parameter (or a view of one): its grad_fn is the cast, and
@@ -230,11 +228,11 @@ class Stage:
             source = fn.next_functions[0][0]
             i = self._param_index.get(id(getattr(source, "variable", None)))
             if i is not None and base.shape == self.params[i].shape:
-                return _ParamRef(i, t.size(), t.stride(), t.storage_offset() - base.storage_offset(), base.dtype)
+                return ParamRef(i, t.size(), t.stride(), t.storage_offset() - base.storage_offset(), base.dtype)
         return t
 
     def _unpack(self, packed: Any) -> Tensor:
-        if not isinstance(packed, _ParamRef):
+        if type(packed) is not ParamRef:
             return packed
         if self._backward_weights is None:
             raise RuntimeError("a saved parameter was read outside this stage's backward")
@@ -267,11 +265,8 @@ class Stage:
         version = self.strategy.record_forward()
         foreign = tuple(s.record_forward() for s, _ in self._foreign) if self._foreign else ()
         predicted = self.forward_context() if self.forward_context is not None else nullcontext()
-        # no update can come between a forward and its backward when the delay is 0 (sync,
-        # the last stage): autograd's own saved tensors are then exact, and cost no hook calls
-        hooks = (torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-                 if self.delay > 0 or self._foreign else nullcontext())
-        with predicted, hooks:
+        # hooks cost a Python call per saved tensor: none where autograd's own saving is exact
+        with predicted, self._forward_hooks():
             if self._autocast is None:
                 out = self._run(args, kwargs, target)
             else:
@@ -314,7 +309,7 @@ class Stage:
                 p.grad = None
         # a recompute (activation checkpointing) reads the parameters themselves: point them at
         # the chosen version while the backward runs; the live storage comes back after
-        live = [p.data for p in self.params] if differs else None
+        live = self._live_data if differs else None
         try:
             if live is not None:
                 for p, w in zip(self.params, weights):
@@ -358,12 +353,24 @@ class Stage:
             torch.nn.utils.clip_grad_norm_(self.owned, self.clip_grad_norm)
         self.strategy.before_update()
         if self.optimizer is not None:
-            self.optimizer.step()
+            if self.hides_updates:
+                self._step_hidden()
+            else:
+                self.optimizer.step()
         self.strategy.after_update()
         if self.scheduler is not None:
             self.scheduler.step()
         for p in self.owned:
             p.grad = None
+
+    def _step_hidden(self) -> None:
+        """The optimizer step, with the version counters of the parameters this stage owns set
+        back after it: a forward that ran before reads the live weights in its backward, as
+        `latest` asks, without saved-tensor hooks (autograd's check would refuse otherwise)."""
+        params = tuple(self.owned)
+        versions = tuple(p._version for p in params)
+        self.optimizer.step()
+        set_versions(params, versions)
 
     # -- reporting and checkpoints ----------------------------------------------------------
     def history_bytes(self) -> int:

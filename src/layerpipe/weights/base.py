@@ -26,6 +26,9 @@ class WeightStrategy:
     #: True when `backward_weights` reads the optimizer's state (a copy of the strategy
     #: without the optimizer, as the distributed runtime keeps for a tied parameter, differs)
     reads_optimizer: ClassVar[bool] = False
+    #: True when `backward_weights` always returns the live weights (`params`): the engine
+    #: then keeps no reference per saved parameter (cheaper saved-tensor hooks)
+    live_backward: ClassVar[bool] = False
 
     def __init__(self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.params = [p.detach() for p in params]  # detached aliases: see in-place updates, no autograd

@@ -8,6 +8,14 @@ pipeline-aware decay tied to the stage's delay, alpha_k = 2 / (d_k + 1) (centre 
 bias correction u_hat = u / (1 - beta^t). n comes from an exact version counter. Memory: one
 buffer per parameter of stages with d_k > 0, so at most |W| whatever the depth. It averages
 applied updates, not gradients, so it works with any optimizer.
+
+How u is kept (same numbers up to float rounding, ~1e-7 relative): for 32- and 64-bit
+weights, as an EMA of the weights themselves, E <- (1 - alpha) E + alpha W(t+1), started at
+E = W when the first update comes. Then u = alpha / (1 - alpha) (W - E) exactly (both obey
+the same recursion), so one pass over |W| after each optimizer step keeps it (u itself
+needs one before and one after: the step overwrites W(t) in place), and the rebuilt weights
+are one lerp, W_then = W + c (E - W), c = n alpha / ((1 - alpha) (1 - beta^t)). 16-bit
+weights (E would round away small updates) and alpha = 1 (d = 1) keep u itself.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import torch
 from torch import Tensor
 
 from layerpipe.weights.base import WeightStrategy
-from layerpipe.weights.flat import FlatBuffer
+from layerpipe.weights.flat import SCRATCH, FlatBuffer
 from layerpipe.weights.registry import register_strategy
 
 
@@ -38,29 +46,68 @@ class UpdateEMA(WeightStrategy):
         super().__init__(params, delay, optimizer)
         self.alpha = alpha if alpha is not None else 2.0 / (delay + 1)
         self.steps = 0  # updates folded into the average, for bias correction
+        self._before: list[Tensor] | None = None
+        self._lent: Tensor | None = None  # the scratch block of the last rebuild, until release
+        self._exact_delta = any(p.element_size() < 4 for p in self.params)
+        #: True: the buffer holds E, the EMA of the weights; False: u, the EMA of updates
+        self.of_weights = not self._exact_delta and self.alpha < 1.0
         # a stage whose backward runs in the tick of its forward (d = 0) never needs history
         self._avg = FlatBuffer(self.params, zero=True) if delay > 0 and self.params else None
-        self._before: list[Tensor] | None = None
-        self._exact_delta = any(p.element_size() < 4 for p in self.params)
+
+    def _scale(self, n: float) -> float:
+        """n * u_hat = scale * u (kept u) or scale * (E - W) (kept E)."""
+        correction = 1.0 - (1.0 - self.alpha) ** self.steps
+        if self.of_weights:
+            return -n * self.alpha / ((1.0 - self.alpha) * correction)
+        return n / correction
 
     def backward_weights(self, version: int) -> list[Tensor]:
         n = self.version - version
         if n == 0 or self._avg is None or self.steps == 0:
             return self.params
-        correction = 1.0 - (1.0 - self.alpha) ** self.steps
-        # one foreach kernel per dtype group; a transient copy, not history
-        return torch._foreach_add(self.params, self._avg.views, alpha=-n / correction)
+        scale = -self._scale(n)
+        lent = SCRATCH.take(self.params)  # a transient copy, not history
+        if lent is None:  # one foreach kernel per dtype group
+            if self.of_weights:
+                return torch._foreach_lerp(self.params, self._avg.views, scale)
+            return torch._foreach_add(self.params, self._avg.views, alpha=scale)
+        self._lent, out = lent
+        # one pass per tensor, written in place (foreach ops have no out= on the CPU)
+        for w, a, r in zip(self.params, self._avg.views, out):
+            if self.of_weights:
+                torch.lerp(w, a, scale, out=r)
+            else:
+                torch.add(w, a, alpha=scale, out=r)
+        return out
+
+    def release(self, version: int) -> None:
+        if self._lent is not None:  # the backward that read the rebuilt weights is done
+            SCRATCH.give(self._lent)
+            self._lent = None
+
+    def shift_(self, targets: list[Tensor], n: float) -> bool:
+        """targets += n * u_hat, in place; `targets` must alias the live weights (`params`).
+        False (nothing done) before the first update. For a compensation that predicts the
+        weights n updates ahead from this average (zero extra bytes)."""
+        if self._avg is None or self.steps == 0:
+            return False
+        if self.of_weights:
+            torch._foreach_lerp_(targets, self._avg.views, self._scale(n))
+        else:
+            torch._foreach_add_(targets, self._avg.views, alpha=self._scale(n))
+        return True
 
     def before_update(self) -> None:
         if self._avg is None:
             return
-        if self._exact_delta:
+        if self.of_weights:
+            if self.steps == 0:  # E starts at the weights: no update averaged yet, u = 0
+                self._avg.copy_from(self.params)
+        elif self._exact_delta:
             # transient copy of W(t): 16-bit weights need the exact dW = W(t+1) - W(t)
             self._before = torch._foreach_mul(self.params, 1.0)
         else:
-            # u <- (1 - alpha) u - alpha W(t), completed after the step by + alpha W(t+1):
-            # no allocation; the rounding error, ~eps |W| / |dW| relative to u (about 1e-4
-            # in float32), is far below the reconstruction error itself
+            # u <- (1 - alpha) u - alpha W(t), completed after the step by + alpha W(t+1)
             torch._foreach_mul_(self._avg.views, 1.0 - self.alpha)
             torch._foreach_add_(self._avg.views, self.params, alpha=-self.alpha)
 
@@ -68,7 +115,9 @@ class UpdateEMA(WeightStrategy):
         super().after_update()
         if self._avg is None:
             return
-        if self._before is not None:
+        if self.of_weights:
+            torch._foreach_lerp_(self._avg.views, self.params, self.alpha)
+        elif self._before is not None:
             delta = torch._foreach_sub(self.params, self._before)
             self._before = None
             torch._foreach_lerp_(self._avg.views, delta, self.alpha)
@@ -87,11 +136,29 @@ class UpdateEMA(WeightStrategy):
         state = super().state_dict()
         state["steps"] = self.steps
         if self._avg is not None:
-            state["avg"] = self._avg.state()
+            state["avg"] = self.update_average()
+            if self.of_weights:  # E itself too: a resumed run continues bit for bit
+                state["weight_avg"] = self._avg.state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.steps = int(state["steps"])
-        if self._avg is not None:
+        if self._avg is None:
+            return
+        if not self.of_weights:
             self._avg.load_state(state["avg"])
+        elif "weight_avg" in state:
+            self._avg.load_state(state["weight_avg"])
+        else:  # a checkpoint that kept u: E = W - (1 - alpha) / alpha u
+            u = [t.to(w.device) for t, w in zip(state["avg"], self.params)]
+            self._avg.copy_from(torch._foreach_add(self.params, u, alpha=-(1.0 - self.alpha) / self.alpha))
+
+    def update_average(self) -> list[Tensor]:
+        """u, the EMA of applied updates (not bias-corrected), as new tensors."""
+        assert self._avg is not None
+        if not self.of_weights:
+            return self._avg.state()
+        if self.steps == 0:  # E is not set before the first update
+            return [torch.zeros_like(w) for w in self.params]
+        return torch._foreach_mul(torch._foreach_sub(self.params, self._avg.views), self.alpha / (1.0 - self.alpha))

@@ -14,3 +14,4 @@ class Latest(WeightStrategy):
     """no correction: the backward uses the current weights"""
 
     name = "latest"
+    live_backward = True

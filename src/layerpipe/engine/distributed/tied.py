@@ -43,7 +43,8 @@ from torch import nn
 
 from layerpipe.engine.build import param_users
 from layerpipe.engine.distributed.transport import TIED_GRAD, TIED_VALUE, Comm, Pending
-from layerpipe.engine.stage import Stage, TiedGrads
+from layerpipe.engine.saved import TiedGrads
+from layerpipe.engine.stage import Stage
 from layerpipe.errors import PlanError
 from layerpipe.plan import PipelineSpec
 from layerpipe.schedule import Timing

@@ -1,0 +1,63 @@
+"""Small pieces of a stage's saved-tensor handling: the reference the pack hook keeps for a
+saved parameter, the lookup from a data pointer to the parameter it views, the hooks of a
+backward on the live weights, and the gradient parts of tied parameters.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class ParamRef(NamedTuple):
+    """What the pack hook keeps instead of a saved parameter: which one, which view, and the
+    dtype autocast cast it to (None: not cast). A tuple: the hook runs for every saved tensor."""
+
+    index: int
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int  # storage offset relative to the parameter's own (or its cast copy's)
+    dtype: torch.dtype | None = None
+
+
+def same_tensor(t: Any) -> Any:
+    """Pack and unpack hook of a stage whose backward reads the live weights (`latest`) where
+    its updates cannot be hidden from autograd (`set_versions` missing, or a compensation
+    changes the weights in the forward): a saved parameter already aliases the live weights;
+    the hooks only switch off autograd's version check."""
+    return t
+
+
+STRIDED = torch.strided
+# resets autograd's version counters (torch >= 2.1; private, hence looked up, not assumed)
+set_versions = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+
+
+def storage_spans(params: Sequence[Tensor]) -> tuple[list[int], list[int], list[int]]:
+    """(starts, ends, indices): the byte range of each parameter's storage, sorted by start.
+    The pack hook finds the parameter a saved tensor views with one bisect on its data
+    pointer (a storage is one allocation, so a pointer inside it is a view of it); on equal
+    starts the last parameter wins, as a dictionary keyed by storage would."""
+    spans = sorted((p.untyped_storage().data_ptr(), p.untyped_storage().nbytes(), i) for i, p in enumerate(params))
+    return [a for a, _, _ in spans], [a + n for a, n, _ in spans], [i for _, _, i in spans]
+
+
+class TiedGrads:
+    """The parts of a tied parameter's gradient computed by the stages that do not own it,
+    kept per (microbatch, parameter) until the owner's backward of that microbatch."""
+
+    def __init__(self) -> None:
+        self.parts: dict[tuple[int, int], Tensor] = {}
+
+    def add(self, mb: int, p: Tensor, grad: Tensor) -> None:
+        key = (mb, id(p))
+        prev = self.parts.get(key)
+        self.parts[key] = grad if prev is None else prev + grad
+
+    def pop(self, mb: int, p: Tensor) -> Tensor | None:
+        return self.parts.pop((mb, id(p)), None)
+
+    def __len__(self) -> int:
+        return len(self.parts)

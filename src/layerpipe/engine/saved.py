@@ -4,7 +4,7 @@ backward on the live weights, and the gradient parts of tied parameters.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -31,8 +31,26 @@ def same_tensor(t: Any) -> Any:
 
 
 STRIDED = torch.strided
-# resets autograd's version counters (torch >= 2.1; private, hence looked up, not assumed)
-set_versions = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+
+
+def _version_setter() -> Callable[[tuple[Tensor, ...], tuple[int, ...]], None] | None:
+    """torch's private reset of autograd version counters, taking tuples (tensors, versions),
+    or None where it is missing or takes other arguments (older torch): the engine then
+    keeps the hooks. Tried once on a scratch tensor, not assumed."""
+    setter = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+    if setter is None:
+        return None
+    probe = torch.zeros(1)
+    try:
+        probe.add_(1)
+        setter((probe,), (0,))
+    except (TypeError, RuntimeError):
+        return None
+    return setter if probe._version == 0 else None
+
+
+# resets autograd's version counters (see `_version_setter`)
+set_versions = _version_setter()
 
 
 def storage_spans(params: Sequence[Tensor]) -> tuple[list[int], list[int], list[int]]:

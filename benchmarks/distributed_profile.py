@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +67,18 @@ class Timer:
         setattr(obj, name, timed)
 
 
+def thread_cpu_times() -> dict[int, float]:
+    """CPU seconds of each thread of this process (Linux schedstat: nanoseconds on a CPU)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                out[int(tid)] = int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
 def run_rank(cfg: dict, out: str) -> None:
     import torch
     import torch.nn.functional as F
@@ -105,11 +118,16 @@ def run_rank(cfg: dict, out: str) -> None:
 
         prof = profile(activities=[ProfilerActivity.CPU])
         prof.__enter__()
+    threads0 = thread_cpu_times()
     wait0 = dt.run_queue_wait()
     t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
     worker.run_epoch(x, y, order)
     wall = time.perf_counter() - t0
     thread_cpu, process_cpu = time.thread_time() - c0, time.process_time() - p0
+    threads1 = thread_cpu_times()
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    per_thread = sorted(((threads1[tid] - threads0.get(tid, 0.0), names.get(tid, f"native {tid}"))
+                         for tid in threads1 if tid != threading.main_thread().native_id), reverse=True)
     preempted = dt.run_queue_wait() - wait0
     if prof is not None:
         prof.__exit__(None, None, None)
@@ -121,7 +139,8 @@ def run_rank(cfg: dict, out: str) -> None:
     ticks = worker.timing.length(n)
     Path(f"{out}.{os.environ['RANK']}").write_text(json.dumps(
         {"wall": wall, "ticks": ticks, "samples": n * b, "preempted": preempted, "thread_cpu": thread_cpu,
-         "process_cpu": process_cpu, "total": timer.total, "cpu": timer.cpu,
+         "process_cpu": process_cpu,
+         "threads": [(name, cpu) for cpu, name in per_thread if cpu > 0], "total": timer.total, "cpu": timer.cpu,
          "calls": timer.calls, "delay": worker.delays[worker.rank]}))
 
 
@@ -191,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
     print("ms per tick, wall (CPU time of the compute thread): exclusive time of each part, median of the rounds\n")
     print(render(runs))
+    print("\nCPU ms per tick of the other threads of each process, last round (gloo's I/O threads are unnamed):")
+    for w, reps in runs.items():
+        for r, row in enumerate(reps[-1]):
+            print(f"- {w} rank {r}: " + ", ".join(f"{name} {cpu / row['ticks'] * 1e3:.2f}" for name, cpu in row["threads"]))
     return 0
 
 

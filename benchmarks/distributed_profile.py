@@ -17,6 +17,10 @@ timer that charges every call its own time, its callees' excluded:
   other           the rest of the tick: the worker's and the stage's Python, grad zeroing
 
 `--torch-profile DIR` also writes a torch.profiler table of rank 0's ops (self CPU time).
+`--single` instead times each stage's work in one process, one thread (CPU ms per tick,
+interleaved rounds): plain training of the whole model, each stage's bare module (with and
+without its optimizer step), and stage 0 through `Stage` with each weight strategy: what a
+rank would cost with no communication at all.
 """
 from __future__ import annotations
 
@@ -183,6 +187,88 @@ def render(runs: dict[str, list[list[dict]]]) -> str:
     return "\n".join(lines)
 
 
+def single_process(rounds: int, cfg: dict) -> str:
+    """The `--single` table (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    from layerpipe.engine.build import build_stages, sequential_modules
+    from layerpipe.engine.single import resolve_strategy
+    from layerpipe.plan import sequential_spec
+
+    torch.set_num_threads(1)
+    width, layers, b = cfg["width"], cfg["layers"], cfg["batch"]
+    x, y = dt.make_data(64 * b)
+    g = torch.randn(b, width)
+
+    def batch(i):
+        i %= 64
+        return x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]
+
+    def plain():
+        model = dt.make_model(width, layers)
+        opt = dt.optimizer(model.parameters())
+
+        def tick(i):
+            xb, yb = batch(i)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        return tick
+
+    def bare(k, step):
+        model = dt.make_model(width, layers)
+        mod = sequential_modules(model, sequential_spec(model, 2, "layerpipe"))[k]
+        opt = dt.optimizer(list(mod.parameters()))
+
+        def tick(i):
+            xb, yb = batch(i)
+            if k == 0:
+                mod(xb).backward(g)
+            else:
+                F.cross_entropy(mod(g.detach().requires_grad_()), yb).backward()
+            if step:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        return tick
+
+    def staged(weights):
+        model = dt.make_model(width, layers)
+        strategy, schedule = resolve_strategy(weights, "layerpipe")
+        spec = sequential_spec(model, 2, schedule)
+        (stage,) = build_stages(sequential_modules(model, spec), spec, strategy, dt.optimizer, F.cross_entropy,
+                                None, only=0)
+        d, t = spec.delays[0], [0]
+
+        def tick(i):
+            stage.forward(t[0], batch(i)[0])
+            if t[0] >= d:
+                stage.backward(t[0] - d, g)
+                stage.update()
+            t[0] += 1
+        return tick
+
+    variants = {"plain training, whole model": plain(), "stage 0 module + optimizer step": bare(0, True),
+                "stage 0 module, no step": bare(0, False), "stage 1 module + loss + optimizer step": bare(1, True),
+                "stage 1 module + loss, no step": bare(1, False)}
+    variants.update({f"stage 0 through Stage, weights={w}": staged(w) for w in ("latest", "stash", "ema")})
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for tick in variants.values():
+        for i in range(4):
+            tick(i)
+    for _ in range(rounds):
+        for k, tick in variants.items():
+            c0 = time.thread_time()
+            for i in range(8):
+                tick(i)
+            times[k].append((time.thread_time() - c0) / 8 * 1e3)
+    lines = ["| work (one process, one thread) | CPU ms per tick, median | min - max |", "|---|---:|---|"]
+    for k, v in times.items():
+        v = sorted(v)
+        lines.append(f"| {k} | {v[len(v) // 2]:.2f} | {v[0]:.2f} - {v[-1]:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default="stash,ema")
@@ -194,10 +280,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="rounds, strategies interleaved; medians shown")
     p.add_argument("--torch-profile", default=None, help="folder for torch.profiler op tables (rank --profile-rank)")
     p.add_argument("--profile-rank", type=int, default=0)
+    p.add_argument("--single", action="store_true", help="time each stage's work in one process (no messages)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         run_rank(json.loads(args.worker[0]), args.worker[1])
+        return 0
+    if args.single:
+        from layerpipe.cli.launch import MALLOC_ENV
+
+        if any(os.environ.get(k) != str(1 << 30) for k in MALLOC_ENV):  # the ranks' allocator settings
+            import subprocess
+
+            env = dict(os.environ, OMP_NUM_THREADS="1", **{k: str(1 << 30) for k in MALLOC_ENV})
+            return subprocess.run([sys.executable, str(HERE), *(sys.argv[1:] if argv is None else argv)],
+                                  env=env).returncode
+        print(single_process(2 * args.repeats, dict(width=args.width, layers=args.layers, batch=args.batch)))
         return 0
     base = dict(width=args.width, layers=args.layers, batch=args.batch, microbatches=args.microbatches,
                 warmup=args.warmup, torch_profile=args.torch_profile, profile_rank=args.profile_rank)

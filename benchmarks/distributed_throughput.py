@@ -76,9 +76,10 @@ def optimizer(params):
 
 
 def two_stage_split(model) -> list[int]:
-    from layerpipe.engine.single import plan_stages
+    """The layers per stage that (c) uses (`sequential_spec`: balanced by parameter count)."""
+    from layerpipe.plan import sequential_spec
 
-    return plan_stages(model, 2, "stash", "layerpipe")[0]
+    return list(sequential_spec(model, 2, "layerpipe").stage_sizes)
 
 
 # -- workers (each in its own process) -----------------------------------------------------------------

@@ -205,7 +205,7 @@ def _watch(procs: list[subprocess.Popen], deadline: float | None, dp: int = 1) -
             if code is None:
                 running = True
             elif code != 0:
-                from layerpipe.engine.distributed.transport import MeshLayout
+                from layerpipe.engine.distributed.topology import MeshLayout
 
                 name = MeshLayout(len(procs), dp).describe(rank)
                 return rank, f"{name} {_how(code)} without reporting an error"

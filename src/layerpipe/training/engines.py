@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from layerpipe.engine.batch import take
 from layerpipe.engine.distributed import Comm, EpochStats, StageFailure, StageWorker, World
-from layerpipe.engine.distributed.transport import MeshLayout
+from layerpipe.engine.distributed.topology import MeshLayout
 from layerpipe.engine.single import Pipeline, cut_model, resolve_strategy
 from layerpipe.errors import LayerpipeError, PlanError
 from layerpipe.plan import parse_stages, sequential_spec, split_spec

@@ -58,7 +58,7 @@ class FailureMonitor:
 
     Args:
         rank, world_size: this process's place.
-        layout: the mesh (`transport.MeshLayout`); None: one process per stage, rank = stage.
+        layout: the mesh (`topology.MeshLayout`); None: one process per stage, rank = stage.
         ctl: the run's control store (a PrefixStore), used by the compute thread.
         monitor_ctl: a second connection to it for the monitor thread.
         timeout: the run's timeout in seconds (for blame).
@@ -70,7 +70,7 @@ class FailureMonitor:
                  forced_exit: Callable[[str], None] | None = None,
                  layout: Any = None) -> None:
         self.rank, self.world_size, self.ctl, self.timeout = rank, world_size, ctl, timeout
-        #: the mesh (`transport.MeshLayout`): rank -> (stage, replica) and its name in failure
+        #: the mesh (`topology.MeshLayout`): rank -> (stage, replica) and its name in failure
         #: lines ("stage k", or "stage k replica j" with data parallelism)
         self.layout = layout
         self.failure: StageFailure | None = None

@@ -43,14 +43,12 @@ Not the same numbers as one process: models that draw random numbers in the forw
 Data parallelism (`Comm(..., dp=R)`, R > 1): rank = stage * R + replica. Every replica of a
 stage runs the same tick program on its slice of each global microbatch (`idx[j::R]`, as
 DistributedSampler splits), talking only to the same replica of the neighbouring stages.
-After each backward the stage's weight gradients, weighted by n_j / N (the replica's share of
-the microbatch, so that the sum is the gradient of the global mean loss even for the last,
-smaller microbatch), go into one flat bucket per dtype, whose `all_reduce` (sum over the
-stage's "dp" group) is started at once and awaited just before the update: it overlaps with
-sending the input gradient back. The updates are then identical on every replica, and so is
-the weight history (stash versions, EMA buffers), with no further communication. BatchNorm
-running statistics stay per replica (as DDP without SyncBatchNorm); replica 0's are the ones
-evaluated and saved. Evaluation runs on replica 0's pipeline only.
+After each backward the stage's gradients are summed over its replicas (`buckets`: started
+at once, awaited just before the update, so it overlaps with sending the input gradient
+back). The updates are then identical on every replica, and so is the weight history (stash
+versions, EMA buffers), with no further communication. BatchNorm running statistics stay per
+replica (as DDP without SyncBatchNorm); replica 0's are the ones evaluated and saved.
+Evaluation runs on replica 0's pipeline only.
 """
 from __future__ import annotations
 
@@ -65,6 +63,7 @@ from torch import Tensor, nn
 
 from layerpipe.engine.batch import accuracy_counts, as_call, num_samples, take, to_device
 from layerpipe.engine.distributed.boundaries import checked_split, message_shape, needs_grad, sequential_boundaries
+from layerpipe.engine.distributed.buckets import finish_gradient_reduce, start_gradient_reduce
 from layerpipe.engine.distributed.faults import FAULT_ENV, inject, parse_fault
 from layerpipe.engine.distributed.tied import TiedLinks
 from layerpipe.engine.distributed.transport import ACT, EVAL, GRAD, STATS, Comm, Pending
@@ -79,7 +78,6 @@ if TYPE_CHECKING:
     from layerpipe.split import SplitModel
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -195,30 +193,6 @@ class StageWorker:
         else:
             self.loss_weights = [1.0] * len(order)
         return self._tick_program(x, y, order, on_forward)
-
-    # -- data parallelism: one flat bucket per dtype, all-reduced while the gradient goes back ---------
-    def _start_gradient_reduce(self, weight: float) -> list[tuple[list[Tensor], Any]]:
-        """Weight this replica's gradients by its share n_j / N, flatten them into one bucket
-        per dtype and start summing the buckets over the stage's replicas. Parameters without
-        a gradient (not reached) are left out; every replica has the same graph, so the same."""
-        by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        for p in self.stage.params:
-            if p.grad is not None:
-                by_dtype.setdefault(p.grad.dtype, []).append(p)
-        started = []
-        for params in by_dtype.values():
-            bucket = torch.cat([p.grad.reshape(-1) for p in params]).mul_(weight)
-            started.append((params, self.comm.all_reduce_async(bucket)))
-        return started
-
-    def _finish_gradient_reduce(self, started: list[tuple[list[Tensor], Any]]) -> None:
-        for params, handle in started:
-            bucket = self.comm.wait_all_reduce(handle)
-            offset = 0
-            for p in params:
-                n = p.grad.numel()
-                p.grad.copy_(bucket[offset : offset + n].view_as(p.grad))
-                offset += n
 
     # -- evaluation: a pipelined forward of the test set ---------------------------------------------
     @torch.no_grad()
@@ -343,7 +317,7 @@ class StageWorker:
             g = self._unpack(full)
         self.tied.take_parts(mb)
         g_in = self.stage.backward(mb, g)
-        reduce = self._start_gradient_reduce(loss_weight) if self.dp > 1 else None
+        reduce = start_gradient_reduce(self.comm, self.stage.params, loss_weight) if self.dp > 1 else None
         g_ins = g_in if self._tuples else (g_in,)
         for i in grad_ins:
             v = g_ins[i] if g_in is not None else None
@@ -352,7 +326,7 @@ class StageWorker:
             comm.send(self.prev, v, GRAD)
         self.tied.send_parts(mb)
         if reduce is not None:
-            self._finish_gradient_reduce(reduce)
+            finish_gradient_reduce(self.comm, reduce)
         self.stage.update()
         self.tied.send_values()
 

@@ -29,7 +29,7 @@ import torch
 from layerpipe import Pipeline
 from layerpipe.compensate import attach, compensation_bytes, parse_spec, pipeline_optimizer
 from layerpipe.data import load_dataset, loss_fn
-from layerpipe.engine.single import plan_stages
+from layerpipe.plan import sequential_spec
 from layerpipe.models import build_model
 from layerpipe.report.records import environment
 
@@ -59,7 +59,8 @@ def run(args) -> dict:
     model = build_model("gpt", num_classes=256, input_shape=tuple(data.input_shape), **args.model_options)
     loss_of = loss_fn(data.task)
     stages = None if args.stages == "all" else int(args.stages)
-    _, delays = plan_stages(model, stages, args.weights)
+    spec = sequential_spec(model, stages)
+    delays = [0] * spec.num_stages if args.weights == "sync" else list(spec.delays)  # sync: no delay anywhere
     specs = [parse_spec(s) for s in args.comp]
     base = lambda ps: torch.optim.AdamW(ps, lr=args.lr, weight_decay=args.weight_decay)  # noqa: E731
     pipe = Pipeline(model, stages=stages, weights=args.weights, optimizer=pipeline_optimizer(delays, specs, base), loss_fn=loss_of)

@@ -137,7 +137,7 @@ def main() -> int:
             row = (f"| {name} | {k} | {','.join(map(str, sizes))} | "
                    + " | ".join(f"{med[w] / med['sync']:.3f}x" for w in STRATEGIES) + " | "
                    + " | ".join(f"{held[w]:.2f}" for w in STRATEGIES) + f" | {1000 * med['sync']:.2f} |")
-            plain_row = f"|   (vs plain) | | | " + " | ".join(f"{med[w] / med['plain']:.3f}x" for w in STRATEGIES) + " |"
+            plain_row = "|   (vs plain) | | | " + " | ".join(f"{med[w] / med['plain']:.3f}x" for w in STRATEGIES) + " |"
             lines += [row, plain_row]
             print(row, plain_row, sep="\n", flush=True)
     report = "\n".join(lines) + "\n"

@@ -101,17 +101,19 @@ def test_stage_without_parameters(name):
 
 def test_scratch_pool_reuses_one_block_across_stage_sizes():
     """The ema rebuild's scratch: a block given back is lent again, to a smaller stage too;
-    a larger stage replaces it; mixed dtypes get no block (the strategy then allocates)."""
-    from layerpipe.weights.flat import ScratchPool
+    a larger stage replaces it; mixed dtypes and stages under FRESH_BYTES get no block (the
+    strategy then allocates)."""
+    from layerpipe.weights.flat import FRESH_BYTES, ScratchPool
 
     pool = ScratchPool()
-    big, small = [torch.zeros(4, 5), torch.zeros(3)], [torch.zeros(2, 2)]
+    big, small = [torch.zeros(400, 100), torch.zeros(300)], [torch.zeros(200, 200)]
     block, views = pool.take(big)
-    assert [v.shape for v in views] == [p.shape for p in big] and block.numel() == 23
+    assert [v.shape for v in views] == [p.shape for p in big] and block.numel() == 40300
     pool.give(block)
     again, views = pool.take(small)
-    assert again is block and views[0].shape == (2, 2)
+    assert again is block and views[0].shape == (200, 200)
     pool.give(again)
-    larger, _ = pool.take([torch.zeros(30)])
-    assert larger is not block and larger.numel() == 30
-    assert pool.take([torch.zeros(2), torch.zeros(2, dtype=torch.float64)]) is None
+    larger, _ = pool.take([torch.zeros(50000)])
+    assert larger is not block and larger.numel() == 50000
+    assert pool.take([torch.zeros(40000), torch.zeros(2, dtype=torch.float64)]) is None
+    assert pool.take([torch.zeros(FRESH_BYTES // 4 - 1)]) is None  # small: a fresh copy is cheaper

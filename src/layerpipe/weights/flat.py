@@ -52,6 +52,12 @@ class FlatBuffer:
         self.copy_from([t.to(v.device) for t, v in zip(tensors, self.views)])
 
 
+#: below this many bytes a fresh allocation comes from glibc's heap without page faults
+#: (its default mmap threshold is 128 KiB), and one foreach kernel beats lending a block and
+#: writing it tensor by tensor (cnn1d at 4 stages: take() alone was 4% of a tick)
+FRESH_BYTES = 128 * 1024
+
+
 class ScratchPool:
     """Flat CPU blocks lent for transient copies of a stage's weights (the `ema` rebuild) and
     given back after the backward that read them. glibc hands a freed block of |W_k| back to
@@ -70,6 +76,8 @@ class ScratchPool:
         if first.device.type != "cpu" or any(t.dtype != first.dtype or t.device != first.device for t in like):
             return None
         sizes = [t.numel() for t in like]
+        if sum(sizes) * first.element_size() < FRESH_BYTES:  # a fresh small copy costs less than the lending
+            return None
         free = self._free.setdefault((first.dtype, first.device), [])
         fits = next((i for i, b in enumerate(free) if b.numel() >= sum(sizes)), None)
         if fits is not None:

@@ -194,20 +194,26 @@ def launch_worker(mode: str, spec: dict, nproc: int, tmp_path: Path):
     return launch_script([str(HERE), mode, str(spec_path)], nproc)
 
 
+def _two_replica_runs(cases: list, tmp_path):
+    """Run `cases` on 2 stages x 2 replicas; per case (index, case, single-process reference,
+    the distributed run's merged final state)."""
+    result = launch_worker("cases", {"out": str(tmp_path), "cases": cases, "dp": 2}, 4, tmp_path)
+    assert result.returncode == 0, result.message
+    for i, c in enumerate(cases):
+        got: dict = {}
+        for k in range(2):
+            got.update(torch.load(tmp_path / f"case{i}-stage{k}.pt")["state"])
+        yield i, c, single_reference(c), got
+
+
 @pytest.mark.timeout(150)
 def test_split_model_with_two_data_parallel_replicas_equals_single_process(tmp_path):
     """2 stages x 2 replicas: each global microbatch of 6 is split 3 + 3; the gradients are
     all-reduced, so the weights are the single process's with microbatches of 6 (to rounding)."""
     cases = [case(["b"], "stash", batch=6), case(["b"], "ema", opt="adam", batch=6)]
-    result = launch_worker("cases", {"out": str(tmp_path), "cases": cases, "dp": 2}, 4, tmp_path)
-    assert result.returncode == 0, result.message
-    for i, c in enumerate(cases):
-        ref = single_reference(c)
-        got: dict = {}
-        for k in range(2):
-            got.update(torch.load(tmp_path / f"case{i}-stage{k}.pt")["state"])
+    for i, c, ref, got in _two_replica_runs(cases, tmp_path):
         for name, want in ref["state"].items():
-            assert torch.allclose(got[name], want, rtol=1e-5, atol=1e-6), f"{c} {name}"
+            torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6, msg=f"{c} {name}")
         assert torch.load(tmp_path / f"case{i}-stage1.pt")["test"][0] == pytest.approx(ref["test"][0], rel=1e-5)
 
 
@@ -303,13 +309,7 @@ def test_tied_parameters_with_two_data_parallel_replicas_equal_single_process(tm
     """2 stages x 2 replicas with the tied embedding: each replica's part goes to its own
     replica of the owner, before the all-reduce (to rounding: the sum is in another order)."""
     cases = [tied_case(["b"], "stash", batch=6), tied_case(["b"], "ema", opt="adam", batch=6)]
-    result = launch_worker("cases", {"out": str(tmp_path), "cases": cases, "dp": 2}, 4, tmp_path)
-    assert result.returncode == 0, result.message
-    for i, c in enumerate(cases):
-        ref = single_reference(c)
-        got: dict = {}
-        for k in range(2):
-            got.update(torch.load(tmp_path / f"case{i}-stage{k}.pt")["state"])
+    for _, c, ref, got in _two_replica_runs(cases, tmp_path):
         for name, want in ref["state"].items():
             torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6, msg=f"{c} {name}")
 

@@ -101,10 +101,12 @@ def parse_model_options(items: list[str], flag: str = "--model-option") -> dict[
 
 
 @contextlib.contextmanager
-def signals_as_interrupt(enabled: bool = True):
-    """SIGTERM and SIGHUP end the command as Ctrl-C does (KeyboardInterrupt: the run folder is
-    marked interrupted, one line, exit 130) instead of killing it silently mid-write. Only in
-    the main thread; elsewhere a no-op."""
+def signals_as_interrupt(enabled: bool = True, signals: tuple[str, ...] = ("SIGTERM", "SIGHUP"),
+                         raise_as: type[BaseException] = KeyboardInterrupt):
+    """`signals` (default SIGTERM and SIGHUP) end the command as Ctrl-C does (`raise_as`,
+    KeyboardInterrupt by default, with the signal's name: the run folder is marked
+    interrupted, one line, exit 130) instead of killing it silently mid-write. Only in the
+    main thread; elsewhere a no-op."""
     import signal
     import threading
 
@@ -113,9 +115,9 @@ def signals_as_interrupt(enabled: bool = True):
         return
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        raise raise_as(signal.Signals(signum).name)
 
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {s: signal.signal(s, interrupt) for s in (getattr(signal, name) for name in signals)}
     try:
         yield
     finally:

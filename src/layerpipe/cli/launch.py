@@ -21,7 +21,6 @@ train command with the arguments the parent parsed (passed as JSON in LAYERPIPE_
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
@@ -106,11 +105,16 @@ def launch(
     to name a child in the report ("stage 1 replica 0"; rank = stage * R + replica)."""
     import torch.distributed as dist
 
+    from layerpipe.cli.common import signals_as_interrupt
+
     start = time.monotonic()
     store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
     threads = threads_per_process or max(1, (os.cpu_count() or 1) // nproc)
     procs: list[subprocess.Popen] = []
-    with _signals_stop_children(), tempfile.TemporaryDirectory(prefix="layerpipe-launch-") as tmp:
+    # SIGTERM, SIGHUP and SIGINT raise LauncherStopped while the launcher waits, so that the
+    # cleanup below (terminate the children, remove the temp folder) runs
+    stop_on = ("SIGTERM", "SIGHUP", "SIGINT")
+    with signals_as_interrupt(signals=stop_on, raise_as=LauncherStopped), tempfile.TemporaryDirectory(prefix="layerpipe-launch-") as tmp:
         error_files = [Path(tmp) / f"error-rank{r}.txt" for r in range(nproc)]
         try:
             for r in range(nproc):
@@ -149,25 +153,6 @@ def launch(
 class LauncherStopped(KeyboardInterrupt):
     """The launcher got SIGTERM, SIGHUP or SIGINT (its args[0] names the signal): its children
     are terminated, its temporary folder removed, and the command ends with one line."""
-
-
-@contextlib.contextmanager
-def _signals_stop_children():
-    """While the launcher waits, SIGTERM, SIGHUP and SIGINT raise LauncherStopped in it, so that
-    `launch`'s cleanup (terminate the children, remove the temp folder) runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise LauncherStopped(signal.Signals(signum).name)
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _ignore_signals() -> None:

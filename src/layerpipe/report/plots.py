@@ -44,12 +44,7 @@ def learning_curves(
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def run_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike, title: str = "") -> Path:
@@ -71,6 +66,11 @@ def run_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike, 
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | os.PathLike) -> Path:
+    """Lay out, write (making the folder) and close a figure; its path."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

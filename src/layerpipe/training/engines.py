@@ -42,6 +42,9 @@ class Engine(Protocol):
     replica: int
     dp: int
     stage_files: int
+    #: whether this process runs the first stage (reads the inputs) / the last (the labels)
+    reads_inputs: bool
+    reads_labels: bool
     stage_sizes: list[int]
     delays: list[int]
     #: parameter bytes of every stage of the pipeline (all processes)
@@ -96,6 +99,7 @@ class LocalEngine:
 
     rank, world_size = 0, 1
     stage_index, replica, dp, stage_files = 0, 0, 1, 1
+    reads_inputs = reads_labels = True  # every stage runs here
 
     def __init__(self, model: nn.Module, config: TrainConfig, loss_fn, *, split_points: Sequence[str] | None = None,
                  example_inputs: Any = None) -> None:
@@ -202,6 +206,7 @@ class DistributedEngine:
         self.rank, self.world_size = comm.rank, comm.world_size
         self.stage_index, self.replica, self.dp = comm.stage_index, comm.replica, comm.layout.dp
         self.stage_files = comm.layout.num_stages
+        self.reads_inputs, self.reads_labels = comm.stage_index == 0, comm.stage_index == comm.layout.num_stages - 1
         if worker is not None:
             self.stage_sizes, self.delays = worker.stage_sizes, worker.delays
             self.stage_parameter_bytes = worker.stage_parameter_bytes

@@ -171,10 +171,8 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
     for record in result.history if metrics else []:
         metrics.write(record)
     # stage 0 reads the inputs and the last stage the labels: only they need them on the device
-    # (one process running every stage, stage_files == 1, needs both)
-    holds_last = engine.stage_files == 1 or engine.stage_index == len(engine.stage_sizes) - 1
-    x_train = to_device(data.x_train, device) if engine.stage_index == 0 else data.x_train
-    y_train = to_device(data.y_train, device) if holds_last else data.y_train
+    x_train = to_device(data.x_train, device) if engine.reads_inputs else data.x_train
+    y_train = to_device(data.y_train, device) if engine.reads_labels else data.y_train
     stats, trained = None, False
     for epoch in range(first_epoch, config.epochs):
         trained = True

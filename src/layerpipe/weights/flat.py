@@ -54,7 +54,7 @@ class FlatBuffer:
 
 #: below this many bytes a fresh allocation comes from glibc's heap without page faults
 #: (its default mmap threshold is 128 KiB), and one foreach kernel beats lending a block and
-#: writing it tensor by tensor (cnn1d at 4 stages: take() alone was 4% of a tick)
+#: writing it tensor by tensor (the small stages of the cnn1d, for one)
 FRESH_BYTES = 128 * 1024
 
 

@@ -130,18 +130,19 @@ def test_accumulate_per_delay():
 
 
 # -- (e) pipemare --------------------------------------------------------------------------
-def test_pipemare_matches_reference():
+@pytest.mark.parametrize("power", [1.0, 1.5])
+def test_pipemare_matches_reference(power):
     shapes = [(3,)]
     params, grads = _params(shapes), _grads(shapes, 15)
     ref = params[0].detach().clone()
     lr, delay, anneal, warmup = 0.2, 4, 10, 3
     sgd = torch.optim.SGD(params, lr=lr)
-    opt = make_compensation("pipemare", params, delay, sgd, anneal=anneal, warmup=warmup)
+    opt = make_compensation("pipemare", params, delay, sgd, anneal=anneal, warmup=warmup, power=power)
     _run(opt, params, grads)
     for t, gs in enumerate(grads):
         warm = min(1.0, (t + 1) / warmup)
-        power = 1.0 - min(1.0, t / anneal)
-        ref = ref - lr * warm * delay**-power * gs[0]
+        exponent = power * (1.0 - min(1.0, t / anneal))
+        ref = ref - lr * warm * delay**-exponent * gs[0]
     torch.testing.assert_close(params[0].detach(), ref, rtol=1e-5, atol=1e-6)
     assert sgd.param_groups[0]["lr"] == lr  # restored: an outer schedule still owns it
 
@@ -190,6 +191,14 @@ def test_muon_per_delay_momentum():
     params = _params([(4, 4)])
     opt = make_compensation("muon", params, 6, per_delay=True, momentum=0.9, momentum_max=0.99)
     assert opt.muon.param_groups[0]["momentum"] == pytest.approx(1 - 0.1 / 7)
+
+
+def test_muon_delayed_momentum_only_on_delayed_stages():
+    params = _params([(4, 4)])
+    assert make_compensation("muon", params, 4, delayed_momentum=0.8).muon.param_groups[0]["momentum"] == 0.8
+    assert make_compensation("muon", params, 0, delayed_momentum=0.8).muon.param_groups[0]["momentum"] == 0.95
+    with pytest.raises(LayerpipeError, match="give one"):
+        make_compensation("muon", params, 4, delayed_momentum=0.8, per_delay=True)
 
 
 def test_muon_missing_is_one_clear_error(monkeypatch):

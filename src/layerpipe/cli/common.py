@@ -28,8 +28,10 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
     if not sweep:
         p.add_argument("--stages", default="4",
                        help="K balanced stages, layers per stage like 2,1,3,1, or 'all' (one layer per stage); default 4")
-    p.add_argument("--schedule", default="layerpipe", choices=SCHEDULES,
-                   help="layerpipe: delay 2 S(k) ticks; pipedream: S(k) (1F1B timing)")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES,
+                   help="layerpipe: delay 2 S(k) ticks; pipedream: S(k) (1F1B timing: the gradient crosses a "
+                        "boundary within its tick, half the delay and the activations) (default: the model's "
+                        "recipe: pipedream for gpt, else layerpipe)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the model's recipe)")
     p.add_argument("--batch-size", type=int, default=None, help="microbatch size (default: the model's recipe)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="optimizer (default: the model's recipe)")

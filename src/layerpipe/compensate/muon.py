@@ -5,7 +5,10 @@ step has a fixed spectral size whatever the gradient's scale; Zmushko et al. (20
 with high momentum, far more robust to delayed gradients than AdamW. 1-D tensors (biases,
 LayerNorm) go to AdamW. `adjust_lr_fn="match_rms_adamw"` lets both share one lr. With
 `per_delay=True` Muon's momentum follows the delay rule of `nesterov`
-(`delay_beta1(momentum, d_k, momentum_max)`).
+(`delay_beta1(momentum, d_k, momentum_max)`: longer windows on delayed stages); with
+`delayed_momentum=B` every stage with d_k > 0 uses momentum B instead (Mitliagkas et al.,
+"Asynchrony begets momentum", 2016: a delay acts as implicit momentum, so the explicit
+one may be lowered where the delay is).
 
 torch's Muon runs its Newton-Schulz iteration in bfloat16, which is fast on accelerators but
 about 170 times slower than AdamW's whole step on CPUs without bfloat16 matrix units (measured:
@@ -143,8 +146,13 @@ def build_muon(
     momentum: float = 0.95,
     momentum_max: float = 0.99,
     per_delay: bool = False,
+    delayed_momentum: float | None = None,
     adamw_weight_decay: float = 0.01,
     ns_dtype: str = "auto",
 ) -> MuonAdamW:
+    if per_delay and delayed_momentum is not None:
+        raise LayerpipeError("muon: per_delay and delayed_momentum are two rules for the same momentum; give one")
     mom = delay_beta1(momentum, delay, momentum_max) if per_delay else momentum
+    if delayed_momentum is not None and delay > 0:
+        mom = delayed_momentum
     return MuonAdamW(params, lr, weight_decay=weight_decay, momentum=mom, adamw_weight_decay=adamw_weight_decay, ns_dtype=ns_dtype)

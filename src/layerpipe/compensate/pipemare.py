@@ -3,10 +3,10 @@
 Stale gradients hurt most early, when the weights move fast. At tick t the wrapped
 optimizer's learning rate is multiplied by
 
-    s_k(t) = min(1, (t + 1) / warmup) * max(1, d_k) ** -(1 - min(1, t / anneal))
+    s_k(t) = min(1, (t + 1) / warmup) * max(1, d_k) ** -(power * (1 - min(1, t / anneal)))
 
-so a stage with delay d_k starts at lr / d_k and reaches the full lr after `anneal` ticks
-(Yang et al., PipeMare, 2021). The group's lr is restored after the step, so any outer
+so a stage with delay d_k starts at lr / d_k ** power (power 1: PipeMare's lr / d_k) and
+reaches the full lr after `anneal` ticks (Yang et al., PipeMare, 2021). The group's lr is restored after the step, so any outer
 schedule that sets it keeps working. No memory.
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ from layerpipe.compensate.base import Compensation
 from layerpipe.compensate.registry import register
 
 
-def pipemare_scale(tick: int, delay: int, anneal: int, warmup: int) -> float:
+def pipemare_scale(tick: int, delay: int, anneal: int, warmup: int, power: float = 1.0) -> float:
     warm = min(1.0, (tick + 1) / warmup) if warmup > 0 else 1.0
     p = 1.0 - min(1.0, tick / anneal) if anneal > 0 else 0.0
-    return warm * max(1, delay) ** -p
+    return warm * max(1, delay) ** -(power * p)
 
 
 @register("pipemare", rank=20)
@@ -32,14 +32,15 @@ class PipeMare(Compensation):
     name = "pipemare"
 
     def __init__(
-        self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer, *, anneal: int = 500, warmup: int = 100
+        self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer, *, anneal: int = 500, warmup: int = 100,
+        power: float = 1.0,
     ) -> None:
         super().__init__(params, delay, optimizer)
-        self.anneal, self.warmup = int(anneal), int(warmup)
+        self.anneal, self.warmup, self.power = int(anneal), int(warmup), float(power)
         self.ticks = 0
 
     def step(self, closure=None) -> None:
-        scale = pipemare_scale(self.ticks, self.delay, self.anneal, self.warmup)
+        scale = pipemare_scale(self.ticks, self.delay, self.anneal, self.warmup, self.power)
         saved = [g["lr"] for g in self.param_groups]
         for g in self.param_groups:
             g["lr"] = g["lr"] * scale

@@ -28,11 +28,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "resnet18": dict(epochs=5, batch_size=64, optimizer="sgd", lr=0.05, threads=0),
     "snn": dict(epochs=25, batch_size=64, optimizer="adam", lr=3e-3, threads=1),
     # the transformer: Muon on the matrices (AdamW on the rest) at 1.6e-2, a per-microbatch
-    # cosine, and PipeMare's per-delay lr scaling on the delayed stages, annealed over 10,000
-    # ticks (lr / d_k for most of a short run: 3.3% lower loss than over 300 ticks): the best
-    # measured recipe, synchronous and pipelined (docs/results.md, "Transformer")
+    # cosine, PipeMare's per-delay lr scaling on the delayed stages annealed over 10,000 ticks
+    # (lr / d_k for most of a short run), momentum 0.5 instead of 0.95 on the delayed stages
+    # (a delay acts as momentum already), and the 1F1B timing (delays S(k), half LayerPipe's
+    # 2 S(k)): the best measured recipe, synchronous and pipelined (docs/results.md, "Transformer")
     "gpt": dict(epochs=2, batch_size=16, optimizer="adamw", lr=1.6e-2, threads=0, lr_schedule="cosine-step",
-                compensation=["muon", "pipemare:anneal=10000,warmup=30"]),
+                schedule="pipedream",
+                compensation=["muon:delayed_momentum=0.5", "pipemare:anneal=10000,warmup=30"]),
 }
 _FALLBACK_RECIPE = dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3, threads=0)
 
@@ -57,7 +59,8 @@ class TrainConfig:
     stages: str = "4"
     #: `sync` (no pipelining) or a registered weight strategy
     weights: str = "ema"
-    schedule: str = "layerpipe"
+    #: "layerpipe" (delays 2 S(k)) or "pipedream" (S(k), 1F1B timing); None: the recipe's
+    schedule: str | None = None
     epochs: int | None = None
     batch_size: int | None = None
     optimizer: str | None = None
@@ -93,7 +96,7 @@ class TrainConfig:
     compensation: list[str] | None = None
 
     def __post_init__(self) -> None:
-        recipe = {"compensation": [], "sync_warmup": 0, "lr_schedule": "cosine", **RECIPES.get(self.model, _FALLBACK_RECIPE)}
+        recipe = {"compensation": [], "sync_warmup": 0, "lr_schedule": "cosine", "schedule": "layerpipe", **RECIPES.get(self.model, _FALLBACK_RECIPE)}
         for key, value in recipe.items():
             if getattr(self, key) is None:
                 setattr(self, key, list(value) if isinstance(value, list) else value)

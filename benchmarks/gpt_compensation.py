@@ -59,11 +59,12 @@ def run(args) -> dict:
     model = build_model("gpt", num_classes=256, input_shape=tuple(data.input_shape), **args.model_options)
     loss_of = loss_fn(data.task)
     stages = None if args.stages == "all" else int(args.stages)
-    spec = sequential_spec(model, stages)
+    spec = sequential_spec(model, stages, args.schedule)
     delays = [0] * spec.num_stages if args.weights == "sync" else list(spec.delays)  # sync: no delay anywhere
     specs = [parse_spec(s) for s in args.comp]
     base = lambda ps: torch.optim.AdamW(ps, lr=args.lr, weight_decay=args.weight_decay)  # noqa: E731
-    pipe = Pipeline(model, stages=stages, weights=args.weights, optimizer=pipeline_optimizer(delays, specs, base), loss_fn=loss_of)
+    pipe = Pipeline(model, stages=stages, weights=args.weights, optimizer=pipeline_optimizer(delays, specs, base),
+                    loss_fn=loss_of, schedule=args.schedule)
     attach(pipe)
     groups = [(g, g["lr"]) for s in pipe.stages if s.optimizer is not None for g in s.optimizer.param_groups]
     steps_per_epoch = math.ceil(len(data.x_train) / args.batch_size)
@@ -92,6 +93,7 @@ def run(args) -> dict:
         "weights": args.weights,
         "stages": args.stages,
         "delays": pipe.delays,
+        "schedule": args.schedule,
         "comp": args.comp,
         "lr": args.lr,
         "warmup": args.warmup,
@@ -113,6 +115,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default="ema", help="sync, stash, ema, latest")
     p.add_argument("--stages", default="4", help="an int, or 'all' (one block per stage)")
+    p.add_argument("--schedule", default="layerpipe", choices=("layerpipe", "pipedream"), help="delays 2 S(k) or S(k)")
     p.add_argument("--comp", action="append", default=[], help="technique[:k=v,...]; repeatable")
     p.add_argument("--lr", type=float, default=1e-3, help="lr of the base AdamW (optimizer techniques take their own)")
     p.add_argument("--weight-decay", type=float, default=0.01)

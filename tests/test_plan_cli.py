@@ -33,6 +33,19 @@ def test_default_plan(capsys):
     assert "stage 3" in out and "tick" in out  # the grid
 
 
+def test_schedule_defaults_to_the_models_training_recipe(capsys):
+    from layerpipe.training import TrainConfig
+
+    code, out, _ = run(capsys, "--model", "gpt", "--stages", "4", "--json")
+    assert code == 0 and json.loads(out)["schedule"] == "pipedream"
+    assert [s["delay"] for s in json.loads(out)["stages"]] == [3, 2, 1, 0]
+    assert TrainConfig(model="gpt").schedule == "pipedream"
+    assert TrainConfig(model="gpt", schedule="layerpipe").schedule == "layerpipe"  # a flag wins
+    assert TrainConfig(model="cnn1d").schedule == "layerpipe"
+    code, out, _ = run(capsys, "--model", "gpt", "--stages", "4", "--schedule", "layerpipe", "--json")
+    assert [s["delay"] for s in json.loads(out)["stages"]] == [6, 4, 2, 0]
+
+
 def test_default_json(capsys):
     code, out, _ = run(capsys, "--json")
     assert code == 0

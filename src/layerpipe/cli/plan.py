@@ -56,7 +56,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--balance", choices=BALANCE_MODES, default="params",
         help="cost that --stages K balances: parameter count or measured forward+backward time",
     )
-    parser.add_argument("--schedule", choices=SCHEDULES, default="layerpipe", help="delay rule: 2 S(l) or S(l)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=None,
+                        help="delay rule: layerpipe 2 S(l), pipedream S(l) (default: the model's training recipe, "
+                             "pipedream for gpt; layerpipe otherwise)")
     parser.add_argument("--delays", metavar="D0,D1,...", help="your own delay per stage, in ticks")
     parser.add_argument(
         "--verify", action="store_true",
@@ -193,7 +195,12 @@ def run(args: argparse.Namespace) -> int:
     given_mb = _positive_int(args.microbatches, "--microbatches") if args.microbatches is not None else None
     from layerpipe.weights import memory_formulas  # lazy: torch
 
-    plan = make_plan(source, stages, args.schedule, balance=args.balance, delays=delays,
+    schedule = args.schedule
+    if schedule is None:  # what `layerpipe train --model X` would run
+        from layerpipe.training.config import RECIPES  # lazy: torch
+
+        schedule = RECIPES.get(source, {}).get("schedule", "layerpipe") if isinstance(source, str) else "layerpipe"
+    plan = make_plan(source, stages, schedule, balance=args.balance, delays=delays,
                      memory=memory_formulas(MEMORY_COLUMNS))
     report = verify_delays(plan.stage_sizes, plan.stage_delays, plan.schedule)
     microbatches = given_mb or 2 * plan.num_stages

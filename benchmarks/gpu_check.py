@@ -12,8 +12,8 @@ in this process, with the bytes of weight history each strategy holds.
 Part 1 again under bf16 autocast (`mixed_precision="bf16"`) for sync, stash and ema.
 
 Part 2: the byte-level transformer (`--model gpt`, its recipe: Muon + PipeMare
-compensation, per-microbatch cosine) on this Python's standard-library sources at 4 stages
-(delays 6,4,2,0): validation loss after the same training under sync, stash and ema
+compensation, per-microbatch cosine, the 1F1B timing) on this Python's standard-library
+sources at 4 stages (delays 3,2,1,0; 6,4,2,0 before the recipe took the 1F1B timing): validation loss after the same training under sync, stash and ema
 (`layerpipe.training.train`, the library's own loop). The transformer is too small to fill
 the GPU, so with --gpt-jobs N its runs go N at a time in separate processes (the same
 numbers: every run is seeded); part 1 runs alone before them, so its timings are clean.

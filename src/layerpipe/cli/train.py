@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         return _launch(args, config, run_dir)
     if not args.json and rank0:
         print(f"training {config.model} in stages {config.stages} with weights={config.weights} "
-              f"(schedule {config.schedule}, {config.epochs} epochs"
+              f"(schedule {config.schedule}, {config.epochs} epoch{'s' if config.epochs != 1 else ''}"
               f"{f', {nproc or world.world_size} processes' if distributed else ''}"
               f"{f', {dp} replicas per stage' if dp > 1 else ''}) -> {run_dir}", flush=True)
     options = None

@@ -62,7 +62,7 @@ def _single_reference(case, Pipeline, epoch_order, evaluate) -> dict:
 
     model, data = make_model(case["model"]), make_data(n=case.get("n", 58))
     pipe = Pipeline(model, stages=case["stages"], weights=case["weights"], optimizer=OPTIMIZERS[case["opt"]],
-                    loss_fn=F.cross_entropy, schedule=case["schedule"])
+                    loss_fn=F.cross_entropy, schedule=case["schedule"], compensation=case.get("comp"))
     losses = []
     for epoch in range(case["epochs"]):
         for idx in epoch_order(len(data.x_train), case["batch"], 0, epoch):
@@ -91,7 +91,8 @@ def worker_cases(spec: dict) -> None:
         model, data = make_model(case["model"]), make_data(n=case.get("n", 58))
         strategy, schedule = resolve_strategy(case["weights"], case["schedule"])
         worker = StageWorker(comm, model, sequential_spec(model, case["stages"], schedule), weights=strategy,
-                             optimizer=OPTIMIZERS[case["opt"]], loss_fn=F.cross_entropy, sample=data.x_train[:2])
+                             optimizer=OPTIMIZERS[case["opt"]], loss_fn=F.cross_entropy, sample=data.x_train[:2],
+                             compensation=case.get("comp"))
         losses = []
         for epoch in range(case["epochs"]):
             order = epoch_order(len(data.x_train), case["batch"] * dp, 0, epoch)  # global microbatches
@@ -158,16 +159,22 @@ def assert_close_states(got: dict, want: dict, rtol: float = 1e-5, what: str = "
         assert (a - b).abs().max() / scale <= rtol, f"{what} {name}: relative difference {(a - b).abs().max() / scale:.2e}"
 
 
-def case(stages, weights, schedule="layerpipe", model="mlp", opt="sgd", epochs=2, batch=8):
-    return dict(stages=stages, weights=weights, schedule=schedule, model=model, opt=opt, epochs=epochs, batch=batch)
+def case(stages, weights, schedule="layerpipe", model="mlp", opt="sgd", epochs=2, batch=8, comp=None):
+    return dict(stages=stages, weights=weights, schedule=schedule, model=model, opt=opt, epochs=epochs, batch=batch,
+                comp=comp)
+
+
+# the transformer recipe's compensation (Muon with less momentum on delayed stages, PipeMare),
+# with the 1F1B timing it runs under
+RECIPE_COMP = ["muon:lr=0.02,delayed_momentum=0.5", "pipemare:anneal=20,warmup=3"]
 
 
 # K processes each run several cases on one connection (process start-up dominates on 2 cores)
 CASES = {
     2: [case(2, "stash"), case(2, "ema", opt="adam"), case(2, "sync"), case(2, "ema", "pipedream", model="bn"),
-        case(2, "latest", batch=5)],
+        case(2, "latest", batch=5), case(2, "ema", "pipedream", comp=RECIPE_COMP)],
     3: [case(3, "stash", model="bn"), case(3, "ema"), case([2, 3, 2], "sync", opt="adam"),
-        case(3, "stash", "pipedream", epochs=1)],
+        case(3, "stash", "pipedream", epochs=1), case(3, "stash", "pipedream", comp=RECIPE_COMP, epochs=1)],
     4: [case(4, "stash"), case(4, "ema", model="bn"), case([2, 2, 2, 1], "weight-ema", "pipedream", epochs=1)],
 }
 

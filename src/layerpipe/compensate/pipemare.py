@@ -6,8 +6,8 @@ optimizer's learning rate is multiplied by
     s_k(t) = min(1, (t + 1) / warmup) * max(1, d_k) ** -(power * (1 - min(1, t / anneal)))
 
 so a stage with delay d_k starts at lr / d_k ** power (power 1: PipeMare's lr / d_k) and
-reaches the full lr after `anneal` ticks (Yang et al., PipeMare, 2021). The group's lr is restored after the step, so any outer
-schedule that sets it keeps working. No memory.
+reaches the full lr after `anneal` ticks (Yang et al., PipeMare, 2021). The group's lr is
+restored after the step, so any outer schedule that sets it keeps working. No memory.
 """
 from __future__ import annotations
 

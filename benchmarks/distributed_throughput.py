@@ -114,7 +114,9 @@ def run_engine(cfg: dict) -> dict:
 
     torch.set_num_threads(1)
     model = make_model(cfg["width"], cfg["layers"])
-    pipe = Pipeline(model, stages=2, weights=cfg["weights"], optimizer=optimizer, loss_fn=F.cross_entropy)
+    weights, _, schedule = cfg["weights"].partition("@")
+    pipe = Pipeline(model, stages=2, weights=weights, optimizer=optimizer, loss_fn=F.cross_entropy,
+                    schedule=schedule or "layerpipe")
     n, b = cfg["microbatches"], cfg["batch"]
     x, y = make_data(n * b)
 
@@ -143,7 +145,8 @@ def run_distributed(cfg: dict) -> dict | None:
     model = make_model(cfg["width"], cfg["layers"])
     n, b = cfg["microbatches"], cfg["batch"] * dp  # global microbatches of R x b
     x, y = make_data(n * b)
-    strategy, schedule = resolve_strategy(cfg["weights"], "layerpipe")
+    weights, _, timing = cfg["weights"].partition("@")  # "ema@pipedream": the 1F1B timing
+    strategy, schedule = resolve_strategy(weights, timing or "layerpipe")
     worker = StageWorker(comm, model, sequential_spec(model, pp, schedule), weights=strategy, optimizer=optimizer,
                          loss_fn=F.cross_entropy, sample=x[:2])
     order = [torch.arange(i * b, (i + 1) * b) for i in range(n)]
@@ -292,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=128, help="microbatch size (default 128)")
     p.add_argument("--microbatches", type=int, default=48, help="microbatches per timed epoch (default 48)")
     p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--weights", default="stash,ema", help="strategies for (b) and (c) (default stash,ema)")
+    p.add_argument("--weights", default="stash,ema",
+                   help="strategies for (b) and (c), NAME or NAME@pipedream for the 1F1B timing (default stash,ema)")
     p.add_argument("--rounds", type=int, default=3, help="rounds at most (default 3)")
     p.add_argument("--clean", type=int, default=0,
                    help="stop once every row has this many clean rounds (no compute thread preempted over 5%% of the time)")
@@ -421,7 +425,9 @@ def render(args, rows, samples, strategies) -> str:
         f"more than {100 * CLEAN:.0f}% of the timed window (Linux schedstat run-queue wait: other processes on the "
         f"machine); ! marks a row without a clean round (its best round shown)",
         f"- command: `.venv/bin/python benchmarks/distributed_throughput.py"
-        f"{' --quick' if args.quick else ''} --rounds {args.rounds}{f' --clean {args.clean}' if args.clean else ''} --save`",
+        f"{' --quick' if args.quick else ''} --rounds {args.rounds}{f' --clean {args.clean}' if args.clean else ''}"
+        f"{f' --weights {args.weights}' if args.weights != 'stash,ema' else ''}"
+        f"{' --no-malloc-rows' if not args.malloc_rows else ''} --save`",
     ]
     blocks = [("", "glibc malloc defaults")]
     if args.malloc_rows:

@@ -75,6 +75,12 @@ def optimizer(params):
     return torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=True)
 
 
+def weights_and_schedule(cfg: dict) -> tuple[str, str]:
+    """"ema" -> ("ema", "layerpipe"); "ema@pipedream" -> ("ema", "pipedream"): the 1F1B timing."""
+    weights, _, schedule = cfg["weights"].partition("@")
+    return weights, schedule or "layerpipe"
+
+
 def two_stage_split(model) -> list[int]:
     """The layers per stage that (c) uses (`sequential_spec`: balanced by parameter count)."""
     from layerpipe.plan import sequential_spec
@@ -114,9 +120,8 @@ def run_engine(cfg: dict) -> dict:
 
     torch.set_num_threads(1)
     model = make_model(cfg["width"], cfg["layers"])
-    weights, _, schedule = cfg["weights"].partition("@")
-    pipe = Pipeline(model, stages=2, weights=weights, optimizer=optimizer, loss_fn=F.cross_entropy,
-                    schedule=schedule or "layerpipe")
+    weights, schedule = weights_and_schedule(cfg)
+    pipe = Pipeline(model, stages=2, weights=weights, optimizer=optimizer, loss_fn=F.cross_entropy, schedule=schedule)
     n, b = cfg["microbatches"], cfg["batch"]
     x, y = make_data(n * b)
 
@@ -145,8 +150,7 @@ def run_distributed(cfg: dict) -> dict | None:
     model = make_model(cfg["width"], cfg["layers"])
     n, b = cfg["microbatches"], cfg["batch"] * dp  # global microbatches of R x b
     x, y = make_data(n * b)
-    weights, _, timing = cfg["weights"].partition("@")  # "ema@pipedream": the 1F1B timing
-    strategy, schedule = resolve_strategy(weights, timing or "layerpipe")
+    strategy, schedule = resolve_strategy(*weights_and_schedule(cfg))
     worker = StageWorker(comm, model, sequential_spec(model, pp, schedule), weights=strategy, optimizer=optimizer,
                          loss_fn=F.cross_entropy, sample=x[:2])
     order = [torch.arange(i * b, (i + 1) * b) for i in range(n)]

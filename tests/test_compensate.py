@@ -199,6 +199,9 @@ def test_muon_delayed_momentum_only_on_delayed_stages():
     assert make_compensation("muon", params, 0, delayed_momentum=0.8).muon.param_groups[0]["momentum"] == 0.95
     with pytest.raises(LayerpipeError, match="give one"):
         make_compensation("muon", params, 4, delayed_momentum=0.8, per_delay=True)
+    for bad in (1.5, "abc"):
+        with pytest.raises(LayerpipeError, match=r"delayed_momentum must be a number in \[0, 1\)"):
+            make_compensation("muon", params, 4, delayed_momentum=bad)
 
 
 def test_muon_missing_is_one_clear_error(monkeypatch):

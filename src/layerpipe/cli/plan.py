@@ -197,9 +197,9 @@ def run(args: argparse.Namespace) -> int:
 
     schedule = args.schedule
     if schedule is None:  # what `layerpipe train --model X` would run
-        from layerpipe.training.config import RECIPES  # lazy: torch
+        from layerpipe.training.config import recipe  # lazy: torch
 
-        schedule = RECIPES.get(source, {}).get("schedule", "layerpipe") if isinstance(source, str) else "layerpipe"
+        schedule = recipe(source)["schedule"] if isinstance(source, str) else "layerpipe"
     plan = make_plan(source, stages, schedule, balance=args.balance, delays=delays,
                      memory=memory_formulas(MEMORY_COLUMNS))
     report = verify_delays(plan.stage_sizes, plan.stage_delays, plan.schedule)

@@ -152,6 +152,9 @@ def build_muon(
 ) -> MuonAdamW:
     if per_delay and delayed_momentum is not None:
         raise LayerpipeError("muon: per_delay and delayed_momentum are two rules for the same momentum; give one")
+    for key, value in (("momentum", momentum), ("delayed_momentum", delayed_momentum)):
+        if value is not None and (not isinstance(value, (int, float)) or not 0.0 <= value < 1.0):
+            raise ValueError(f"{key} must be a number in [0, 1), got {value!r}")
     mom = delay_beta1(momentum, delay, momentum_max) if per_delay else momentum
     if delayed_momentum is not None and delay > 0:
         mom = delayed_momentum

@@ -39,6 +39,13 @@ RECIPES: dict[str, dict[str, Any]] = {
                 compensation=["muon:delayed_momentum=0.5", "pipemare:anneal=10000,warmup=30"]),
 }
 _FALLBACK_RECIPE = dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3, threads=0)
+#: settings every recipe has unless it says otherwise
+_RECIPE_DEFAULTS = dict(compensation=[], sync_warmup=0, lr_schedule="cosine", schedule="layerpipe")
+
+
+def recipe(model: str) -> dict[str, Any]:
+    """Every setting the model's recipe gives (what a `TrainConfig` field left None becomes)."""
+    return {**_RECIPE_DEFAULTS, **RECIPES.get(model, _FALLBACK_RECIPE)}
 
 #: the settings a checkpoint must agree on to be resumed (they change what the state means)
 RESUME_KEYS = ("sync_warmup", "model", "model_options", "dataset", "samples", "data_seed", "stages", "weights", "schedule",
@@ -98,8 +105,7 @@ class TrainConfig:
     compensation: list[str] | None = None
 
     def __post_init__(self) -> None:
-        recipe = {"compensation": [], "sync_warmup": 0, "lr_schedule": "cosine", "schedule": "layerpipe", **RECIPES.get(self.model, _FALLBACK_RECIPE)}
-        for key, value in recipe.items():
+        for key, value in recipe(self.model).items():
             if getattr(self, key) is None:
                 setattr(self, key, list(value) if isinstance(value, list) else value)
         from layerpipe.compensate import parse_spec

@@ -204,6 +204,25 @@ def test_muon_delayed_momentum_only_on_delayed_stages():
             make_compensation("muon", params, 4, delayed_momentum=bad)
 
 
+def test_muon_leaves_embeddings_and_output_layer_to_adamw():
+    """A pipeline tags the input embedding and the output layer's matrix; Muon keeps only the
+    hidden matrix (io_adamw=False: every matrix, as before)."""
+    from layerpipe import Pipeline
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 16, bias=False))
+    emb, hidden, out = model[0].weight, model[1].weight, model[3].weight
+    for io_adamw, on_muon in ((True, {id(hidden)}), (False, {id(emb), id(hidden), id(out)})):
+        pipe = Pipeline(model, stages=[2, 2], weights="stash", optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+                        loss_fn=lambda y, t: y.sum(), compensation=[f"muon:io_adamw={io_adamw}"])
+        muon = {id(p) for st in pipe.stages if st.optimizer.muon for g in st.optimizer.muon.param_groups
+                for p in g["params"]}
+        adamw = {id(p) for st in pipe.stages if st.optimizer.adamw for g in st.optimizer.adamw.param_groups
+                 for p in g["params"]}
+        assert muon == on_muon
+        assert adamw == {id(p) for p in model.parameters()} - on_muon
+
+
 def test_muon_missing_is_one_clear_error(monkeypatch):
     monkeypatch.delattr(torch.optim, "Muon")
     with pytest.raises(LayerpipeError, match="torch.optim.Muon"):

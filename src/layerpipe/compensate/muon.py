@@ -3,7 +3,11 @@
 Muon orthogonalises a Nesterov-momentum update of every 2-D weight (Newton-Schulz), so each
 step has a fixed spectral size whatever the gradient's scale; Zmushko et al. (2026) found it,
 with high momentum, far more robust to delayed gradients than AdamW. 1-D tensors (biases,
-LayerNorm) go to AdamW. `adjust_lr_fn="match_rms_adamw"` lets both share one lr. With
+LayerNorm) go to AdamW, and so do the input embeddings and the output layer's matrix
+(`io_adamw=True`, the default): Muon is meant for hidden matrices (Jordan et al., 2024, the
+Muon write-up; Liu et al., 2025, Moonlight). The pipeline tags those matrices when it builds
+its stages (`mark_io_matrices`: every nn.Embedding's weight and the last nn.Linear's); an
+untagged parameter list puts every 2-D tensor on Muon. `adjust_lr_fn="match_rms_adamw"` lets both share one lr. With
 `per_delay=True` Muon's momentum follows the delay rule of `nesterov`
 (`delay_beta1(momentum, d_k, momentum_max)`: longer windows on delayed stages); with
 `delayed_momentum=B` every stage with d_k > 0 uses momentum B instead (Mitliagkas et al.,
@@ -23,11 +27,27 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from layerpipe.compensate.nesterov import delay_beta1
 from layerpipe.compensate.registry import register
 from layerpipe.errors import LayerpipeError
+
+
+#: set (True) on the matrices Muon leaves to AdamW: input embeddings, the output layer
+IO_MATRIX_ATTR = "_layerpipe_io_matrix"
+
+
+def mark_io_matrices(modules: Sequence[nn.Module]) -> list[Tensor]:
+    """Tag the model's input and output matrices (every nn.Embedding's weight, and the weight
+    of the last nn.Linear of the last module) so `MuonAdamW` gives them to AdamW. Returns them."""
+    tagged = [m.weight for mod in modules for m in mod.modules() if isinstance(m, nn.Embedding)]
+    linears = [m for m in modules[-1].modules() if isinstance(m, nn.Linear)] if modules else []
+    if linears:
+        tagged.append(linears[-1].weight)
+    for p in tagged:
+        setattr(p, IO_MATRIX_ATTR, True)
+    return tagged
 
 
 def newton_schulz(g: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> Tensor:
@@ -87,13 +107,17 @@ class MuonAdamW:
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adjust_lr_fn: str = "match_rms_adamw",
         ns_dtype: str = "auto",
+        io_adamw: bool = True,
     ) -> None:
         muon_cls = getattr(torch.optim, "Muon", None)
         if muon_cls is None:
             raise LayerpipeError(f"the muon optimizer needs torch.optim.Muon (torch >= 2.9); this torch is {torch.__version__}")
         params = list(params)
-        matrices = [p for p in params if p.ndim == 2]
-        rest = [p for p in params if p.ndim != 2]
+        def on_muon(p: Tensor) -> bool:
+            return p.ndim == 2 and not (io_adamw and getattr(p, IO_MATRIX_ATTR, False))
+
+        matrices = [p for p in params if on_muon(p)]
+        rest = [p for p in params if not on_muon(p)]
         self.muon = (
             muon_cls(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True, adjust_lr_fn=adjust_lr_fn)
             if matrices
@@ -149,6 +173,7 @@ def build_muon(
     delayed_momentum: float | None = None,
     adamw_weight_decay: float = 0.01,
     ns_dtype: str = "auto",
+    io_adamw: bool = True,
 ) -> MuonAdamW:
     if per_delay and delayed_momentum is not None:
         raise LayerpipeError("muon: per_delay and delayed_momentum are two rules for the same momentum; give one")
@@ -158,4 +183,5 @@ def build_muon(
     mom = delay_beta1(momentum, delay, momentum_max) if per_delay else momentum
     if delayed_momentum is not None and delay > 0:
         mom = delayed_momentum
-    return MuonAdamW(params, lr, weight_decay=weight_decay, momentum=mom, adamw_weight_decay=adamw_weight_decay, ns_dtype=ns_dtype)
+    return MuonAdamW(params, lr, weight_decay=weight_decay, momentum=mom, adamw_weight_decay=adamw_weight_decay, ns_dtype=ns_dtype,
+                     io_adamw=io_adamw)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from layerpipe.compensate import attach_stage, build_optimizer
+from layerpipe.compensate.muon import mark_io_matrices
 from layerpipe.engine.saved import TiedGrads
 from layerpipe.engine.stage import LossFn, OptimizerFactory, SchedulerFactory, Stage
 from layerpipe.plan import PipelineSpec
@@ -41,9 +42,11 @@ def build_stages(
     stage's optimizer holds it. With every stage here they are linked at once; with `only`
     (the distributed runtime) the caller links them (`engine.distributed.tied`). `compensation`:
     delay-compensation specs (`layerpipe.compensate`, e.g. ["predict"]) that build or wrap
-    each stage's optimizer knowing the stage's delay."""
+    each stage's optimizer knowing the stage's delay. The model's embeddings and output matrix
+    are tagged for `MuonAdamW` (`compensate.muon.mark_io_matrices`)."""
     options = dict(weight_options or {})
     last = spec.num_stages - 1
+    mark_io_matrices(modules)  # Muon (if a stage's optimizer is one) leaves these to AdamW
     users = param_users(modules)
     by_id = {id(p): p for m in modules for p in m.parameters()}
     tied = {i: ks for i, ks in users.items() if len(ks) > 1}

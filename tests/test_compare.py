@@ -56,3 +56,27 @@ def test_parallel_jobs_give_the_same_numbers(tmp_path, monkeypatch):
 def test_compare_rejects_zero_jobs(capsys, tmp_path):
     rc = main(["compare", "--jobs", "0", "--out", str(tmp_path / "x"), "--no-progress"])
     assert rc == 2 and "--jobs" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def _run(weights, seed, accuracies, stages=(2, 1)):
+    return {"weights": weights, "seed": seed, "stages": list(stages),
+            "history": [{"test_accuracy": a, "test_loss": 1 - a} for a in accuracies]}
+
+
+def test_samples_to_target_counts_epochs_to_sync_final(tmp_path):
+    """Hand-made curves: sync reaches its final 0.90 (less 0.005) at epoch 2; the pipelined
+    run at epoch 3 (1.50x); another seed's never does (a lower bound, marked >)."""
+    runs = [_run("sync", 0, [0.5, 0.897, 0.9]), _run("ema", 0, [0.4, 0.8, 0.9]),
+            _run("sync", 1, [0.5, 0.6, 0.9]), _run("ema", 1, [0.4, 0.5, 0.8])]
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "samples_to_target.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "| 2,1 | ema | 1.50, >1.00 | 1.25x (at least) |" in out.stdout
+    loss = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "samples_to_target.py"), str(tmp_path),
+                           "--metric", "test_loss"], capture_output=True, text=True, timeout=60)
+    assert "| 2,1 | ema | 1.50, >1.00 |" in loss.stdout  # lower is better: the same epochs
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs[1:2]}))
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "samples_to_target.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no sync run" in bad.stderr

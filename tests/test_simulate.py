@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +192,25 @@ def test_cli_usage_error_one_line(capsys):
         main(["simulate", "--no-such-flag"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_time_to_quality_divides_throughput_by_the_measured_factor():
+    """benchmarks/time_to_quality.py: time vs 1F1B = factor x 1F1B's throughput / this one; a
+    deeper K without its own factor takes the deepest measured one below it (a lower bound)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_quality.py"
+    spec = importlib.util.spec_from_file_location("time_to_quality", path)
+    ttq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ttq)
+    factors = {("gpt", "pipedream", 4): 1.5, ("gpt", "pipedream", 8): 2.0}
+    assert ttq.factor_for(factors, "gpt", "pipedream", 8) == (2.0, "measured")
+    assert ttq.factor_for(factors, "gpt", "pipedream", 16) == (2.0, "from K=8, at least")
+    assert ttq.factor_for(factors, "gpt", "pipedream", 2) == (None, "not measured")
+    assert ttq.factor_for(factors, "gpt", "layerpipe", 8) == (None, "not measured")
+    costs = ttq.split_evenly(ttq.PRESETS["gpt"], 4)
+    assert sum(costs.forward) == pytest.approx(ttq.PRESETS["gpt"]["forward"])
+    with pytest.raises(SystemExit, match="MODEL:SCHEDULE:K=X"):
+        ttq.parse_factor("gpt:pipedream=2")
+    with pytest.raises(SystemExit, match="X >= 1"):
+        ttq.parse_factor("gpt:pipedream:4=0.5")

@@ -1,13 +1,14 @@
 """SIMULATED time to the synchronous loss: `layerpipe simulate`'s throughput divided by the
 measured samples-to-target factor of each asynchronous schedule.
 
-    python benchmarks/time_to_quality.py --factor gpt:pipedream:4=1.4 --factor gpt:pipedream:8=1.6 \
+    python benchmarks/time_to_quality.py --factor gpt:pipedream:4=1.4+ --factor gpt:pipedream:8=1.6+ \
         --factor resnet18:layerpipe:4=1.18 --factor resnet18:layerpipe:8=1.33 [--stages 8,16,32] [--microbatches 8,32]
 
 Costs are the two whole-model presets of docs/simulated.md, split evenly over K stages
 (ResNet-18: the H200 step time of /work/shared/docs/design.md; the zoo GPT: CPU-measured
 proportions). A factor `MODEL:SCHEDULE:K=X` says the asynchronous schedule needs X times
-the samples of synchronous training to reach its final loss, measured at K stages; a depth
+the samples of synchronous training to reach its final loss, measured at K stages (`X+`: at
+least X, where the pipelined run never reached that loss and X is its shortfall); a depth
 without its own factor takes the one measured at the deepest K below it, marked "(from K=..)"
 and to be read as a lower bound (the factor grows with depth wherever it was measured). No
 factor at all: the row shows throughput only. The synchronous schedules (GPipe, 1F1B, ZB-H1)
@@ -45,11 +46,12 @@ def split_evenly(preset: dict, k: int) -> StageCosts:
                            activation_bytes=preset["activation_bytes"] / k)
 
 
-def parse_factor(text: str) -> tuple[str, str, int, float]:
+def parse_factor(text: str) -> tuple[str, str, int, float, bool]:
+    """MODEL:SCHEDULE:K=X[+] -> (model, schedule, K, X, X is a lower bound)."""
     try:
         where, value = text.split("=")
         model, schedule, k = where.split(":")
-        parsed = (model, schedule, int(k), float(value))
+        parsed = (model, schedule, int(k), float(value.rstrip("+")), value.endswith("+"))
     except ValueError:
         raise SystemExit(f"error: --factor wants MODEL:SCHEDULE:K=X (e.g. gpt:pipedream:4=1.4), got {text!r}")
     if model not in PRESETS or schedule not in ("layerpipe", "pipedream") or parsed[3] < 1.0 or parsed[2] < 1:
@@ -59,11 +61,16 @@ def parse_factor(text: str) -> tuple[str, str, int, float]:
 
 
 def factor_for(factors: dict, model: str, schedule: str, k: int) -> tuple[float | None, str]:
+    """(factor, where it comes from) for `model` under `schedule` at K stages; `factors` maps
+    (model, schedule, K) -> (X, lower bound)."""
     known = sorted(kk for (m, s, kk) in factors if (m, s) == (model, schedule) and kk <= k)
     if not known:
         return None, "not measured"
     kk = known[-1]
-    return factors[(model, schedule, kk)], ("measured" if kk == k else f"from K={kk}, at least")
+    x, bound = factors[(model, schedule, kk)]
+    if kk != k:
+        return x, f"from K={kk}, at least"
+    return x, "measured, at least" if bound else "measured"
 
 
 def main() -> int:
@@ -72,12 +79,12 @@ def main() -> int:
     p.add_argument("--stages", default="8,16,32")
     p.add_argument("--microbatches", default="8,32")
     args = p.parse_args()
-    factors = {(m, s, k): x for m, s, k, x in map(parse_factor, args.factor)}
+    factors = {(m, s, k): (x, bound) for m, s, k, x, bound in map(parse_factor, args.factor)}
     stages = [int(v) for v in args.stages.split(",")]
     mbs = [int(v) for v in args.microbatches.split(",")]
     print(f"SIMULATED (layerpipe.simulate), {datetime.now(timezone.utc).isoformat(timespec='seconds')}; "
           f"factors: {', '.join(args.factor) or 'none'}\n")
-    print("| model | K | M | schedule | samples/s | samples factor | time to sync loss vs 1f1b | peak memory per stage |")
+    print("| model | K | M | schedule | samples/s | samples factor | time to sync loss vs 1f1b (at least, where the factor is) | peak memory per stage |")
     print("|---|---|---|---|---|---|---|---|")
     for model, preset in PRESETS.items():
         for k in stages:

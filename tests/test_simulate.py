@@ -203,13 +203,15 @@ def test_time_to_quality_divides_throughput_by_the_measured_factor():
     spec = importlib.util.spec_from_file_location("time_to_quality", path)
     ttq = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ttq)
-    factors = {("gpt", "pipedream", 4): 1.5, ("gpt", "pipedream", 8): 2.0}
-    assert ttq.factor_for(factors, "gpt", "pipedream", 8) == (2.0, "measured")
+    factors = {("gpt", "pipedream", 4): (1.5, False), ("gpt", "pipedream", 8): (2.0, True)}
+    assert ttq.factor_for(factors, "gpt", "pipedream", 4) == (1.5, "measured")
+    assert ttq.factor_for(factors, "gpt", "pipedream", 8) == (2.0, "measured, at least")
     assert ttq.factor_for(factors, "gpt", "pipedream", 16) == (2.0, "from K=8, at least")
     assert ttq.factor_for(factors, "gpt", "pipedream", 2) == (None, "not measured")
     assert ttq.factor_for(factors, "gpt", "layerpipe", 8) == (None, "not measured")
     costs = ttq.split_evenly(ttq.PRESETS["gpt"], 4)
     assert sum(costs.forward) == pytest.approx(ttq.PRESETS["gpt"]["forward"])
+    assert ttq.parse_factor("gpt:pipedream:8=1.79+") == ("gpt", "pipedream", 8, 1.79, True)
     with pytest.raises(SystemExit, match="MODEL:SCHEDULE:K=X"):
         ttq.parse_factor("gpt:pipedream=2")
     with pytest.raises(SystemExit, match="X >= 1"):

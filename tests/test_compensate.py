@@ -349,3 +349,21 @@ def test_pipeline_factory_attach_and_bytes():
         pipe.step(torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,), generator=g))
     pipe.flush()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_muon_adamw_lr_scale_and_delayed_beta1():
+    """The AdamW part runs at adamw_lr_scale x the lr, and set_lr (the training loop's lr
+    schedule) keeps that ratio; delayed_adamw_beta1 only on stages with a delay."""
+    from layerpipe.training.lr import set_lr
+
+    params = _params([(4, 4), (4,)])
+    opt = make_compensation("muon", params, 3, lr=0.02, adamw_lr_scale=0.25, delayed_adamw_beta1=0.8)
+    assert opt.muon.param_groups[0]["lr"] == 0.02
+    assert opt.adamw.param_groups[0]["lr"] == pytest.approx(0.005)
+    assert opt.adamw.param_groups[0]["betas"] == (0.8, 0.999)
+    set_lr([opt], [3], 0.01, "none")
+    assert opt.muon.param_groups[0]["lr"] == 0.01 and opt.adamw.param_groups[0]["lr"] == pytest.approx(0.0025)
+    assert make_compensation("muon", params, 0, delayed_adamw_beta1=0.8).adamw.param_groups[0]["betas"] == (0.9, 0.999)
+    for bad in ({"adamw_lr_scale": 0}, {"delayed_adamw_beta1": 1.0}):
+        with pytest.raises(LayerpipeError):
+            make_compensation("muon", params, 3, **bad)

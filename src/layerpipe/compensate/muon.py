@@ -7,12 +7,13 @@ LayerNorm) go to AdamW, and so do the input embeddings and the output layer's ma
 (`io_adamw=True`, the default): Muon is meant for hidden matrices (Jordan et al., 2024, the
 Muon write-up; Liu et al., 2025, Moonlight). The pipeline tags those matrices when it builds
 its stages (`mark_io_matrices`: every nn.Embedding's weight and the last nn.Linear's); an
-untagged parameter list puts every 2-D tensor on Muon. `adjust_lr_fn="match_rms_adamw"` lets both share one lr. With
-`per_delay=True` Muon's momentum follows the delay rule of `nesterov`
+untagged parameter list puts every 2-D tensor on Muon. `adjust_lr_fn="match_rms_adamw"` lets
+both share one lr (`adamw_lr_scale=X`: the AdamW part at X times it). With `per_delay=True` Muon's momentum follows the delay rule of `nesterov`
 (`delay_beta1(momentum, d_k, momentum_max)`: longer windows on delayed stages); with
 `delayed_momentum=B` every stage with d_k > 0 uses momentum B instead (Mitliagkas et al.,
 "Asynchrony begets momentum", 2016: a delay acts as implicit momentum, so the explicit
-one may be lowered where the delay is).
+one may be lowered where the delay is); `delayed_adamw_beta1=B` does the same for the AdamW
+part's beta1 (0.9 elsewhere).
 
 torch's Muon runs its Newton-Schulz iteration in bfloat16, which is fast on accelerators but
 about 170 times slower than AdamW's whole step on CPUs without bfloat16 matrix units (measured:
@@ -108,6 +109,7 @@ class MuonAdamW:
         adjust_lr_fn: str = "match_rms_adamw",
         ns_dtype: str = "auto",
         io_adamw: bool = True,
+        adamw_lr_scale: float = 1.0,
     ) -> None:
         muon_cls = getattr(torch.optim, "Muon", None)
         if muon_cls is None:
@@ -123,7 +125,11 @@ class MuonAdamW:
             if matrices
             else None
         )
-        self.adamw = torch.optim.AdamW(rest, lr=lr, betas=adamw_betas, weight_decay=adamw_weight_decay) if rest else None
+        self.adamw = torch.optim.AdamW(rest, lr=lr * adamw_lr_scale, betas=adamw_betas,
+                                       weight_decay=adamw_weight_decay) if rest else None
+        if self.adamw is not None:  # the training loop's set_lr keeps this ratio to Muon's lr
+            for group in self.adamw.param_groups:
+                group["lr_scale"] = adamw_lr_scale
         if ns_dtype not in ("auto", "float32", "bfloat16"):
             raise LayerpipeError(f"muon: ns_dtype must be auto, float32 or bfloat16, got {ns_dtype!r}")
         on_cpu = all(p.device.type == "cpu" for p in matrices)
@@ -174,14 +180,21 @@ def build_muon(
     adamw_weight_decay: float = 0.01,
     ns_dtype: str = "auto",
     io_adamw: bool = True,
+    adamw_lr_scale: float = 1.0,
+    delayed_adamw_beta1: float | None = None,
 ) -> MuonAdamW:
     if per_delay and delayed_momentum is not None:
         raise LayerpipeError("muon: per_delay and delayed_momentum are two rules for the same momentum; give one")
-    for key, value in (("momentum", momentum), ("delayed_momentum", delayed_momentum)):
+    for key, value in (("momentum", momentum), ("delayed_momentum", delayed_momentum),
+                       ("delayed_adamw_beta1", delayed_adamw_beta1)):
         if value is not None and (not isinstance(value, (int, float)) or not 0.0 <= value < 1.0):
             raise ValueError(f"{key} must be a number in [0, 1), got {value!r}")
     mom = delay_beta1(momentum, delay, momentum_max) if per_delay else momentum
     if delayed_momentum is not None and delay > 0:
         mom = delayed_momentum
+    if not isinstance(adamw_lr_scale, (int, float)) or adamw_lr_scale <= 0:
+        raise ValueError(f"adamw_lr_scale must be a number > 0, got {adamw_lr_scale!r}")
+    # the AdamW part's beta1 on delayed stages (the same reasoning as delayed_momentum)
+    beta1 = delayed_adamw_beta1 if (delayed_adamw_beta1 is not None and delay > 0) else 0.9
     return MuonAdamW(params, lr, weight_decay=weight_decay, momentum=mom, adamw_weight_decay=adamw_weight_decay, ns_dtype=ns_dtype,
-                     io_adamw=io_adamw)
+                     io_adamw=io_adamw, adamw_lr_scale=float(adamw_lr_scale), adamw_betas=(beta1, 0.999))

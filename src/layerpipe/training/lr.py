@@ -41,5 +41,5 @@ def set_lr(optimizers: Iterable[torch.optim.Optimizer | None], delays: Iterable[
     for opt, delay in zip(optimizers, delays):
         if opt is not None:
             scaled = lr / delay if stage_lr == "inverse-delay" and delay > 0 else lr
-            for group in opt.param_groups:
-                group["lr"] = scaled
+            for group in opt.param_groups:  # a group may run at a fixed ratio (muon's AdamW part)
+                group["lr"] = scaled * group.get("lr_scale", 1.0)

@@ -71,7 +71,7 @@ def main() -> int:
           "factor = first epoch reaching it / sync's first epoch (> : not reached, a lower bound)")
     print("| stages | weights | factor per seed | median |")
     print("|---|---|---|---|")
-    for (stages, weights), fs in sorted(factors(runs, args.metric, args.tolerance).items(), key=lambda kv: (len(kv[0][0]), kv[0])):
+    for (stages, weights), fs in sorted(factors(runs, args.metric, args.tolerance).items(), key=lambda kv: (kv[0][0].count(","), kv[0])):
         cells = ", ".join(f"{'' if ok else '>'}{f:.2f}" for f, ok in fs)
         median = statistics.median(f for f, _ in fs)
         bound = "" if all(ok for _, ok in fs) else " (at least)"

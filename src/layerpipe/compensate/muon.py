@@ -8,12 +8,12 @@ LayerNorm) go to AdamW, and so do the input embeddings and the output layer's ma
 Muon write-up; Liu et al., 2025, Moonlight). The pipeline tags those matrices when it builds
 its stages (`mark_io_matrices`: every nn.Embedding's weight and the last nn.Linear's); an
 untagged parameter list puts every 2-D tensor on Muon. `adjust_lr_fn="match_rms_adamw"` lets
-both share one lr (`adamw_lr_scale=X`: the AdamW part at X times it). With `per_delay=True` Muon's momentum follows the delay rule of `nesterov`
-(`delay_beta1(momentum, d_k, momentum_max)`: longer windows on delayed stages); with
-`delayed_momentum=B` every stage with d_k > 0 uses momentum B instead (Mitliagkas et al.,
-"Asynchrony begets momentum", 2016: a delay acts as implicit momentum, so the explicit
-one may be lowered where the delay is); `delayed_adamw_beta1=B` does the same for the AdamW
-part's beta1 (0.9 elsewhere).
+both share one lr (`adamw_lr_scale=X`: the AdamW part at X times it). With `per_delay=True`
+Muon's momentum follows the delay rule of `nesterov` (`delay_beta1(momentum, d_k,
+momentum_max)`: longer windows on delayed stages); with `delayed_momentum=B` every stage with
+d_k > 0 uses momentum B instead (Mitliagkas et al., "Asynchrony begets momentum", 2016: a delay
+acts as implicit momentum, so the explicit one may be lowered where the delay is);
+`delayed_adamw_beta1=B` does the same for the AdamW part's beta1 (0.9 elsewhere).
 
 torch's Muon runs its Newton-Schulz iteration in bfloat16, which is fast on accelerators but
 about 170 times slower than AdamW's whole step on CPUs without bfloat16 matrix units (measured:
@@ -115,6 +115,7 @@ class MuonAdamW:
         if muon_cls is None:
             raise LayerpipeError(f"the muon optimizer needs torch.optim.Muon (torch >= 2.9); this torch is {torch.__version__}")
         params = list(params)
+
         def on_muon(p: Tensor) -> bool:
             return p.ndim == 2 and not (io_adamw and getattr(p, IO_MATRIX_ATTR, False))
 

@@ -204,6 +204,18 @@ def test_muon_delayed_momentum_only_on_delayed_stages():
             make_compensation("muon", params, 4, delayed_momentum=bad)
 
 
+def test_muon_delayed_momentum_window_follows_the_delay():
+    params = _params([(4, 4)])
+    momentum = {d: make_compensation("muon", params, d, delayed_momentum_window=2).muon.param_groups[0]["momentum"]
+                for d in (0, 1, 3, 7, 100)}
+    # 1 - 2 / (d + 1), never above the undelayed stages' 0.95
+    assert momentum == pytest.approx({0: 0.95, 1: 0.0, 3: 0.5, 7: 0.75, 100: 0.95})
+    with pytest.raises(LayerpipeError, match="give one"):
+        make_compensation("muon", params, 4, delayed_momentum=0.8, delayed_momentum_window=2)
+    with pytest.raises(LayerpipeError, match="delayed_momentum_window must be a number > 0"):
+        make_compensation("muon", params, 4, delayed_momentum_window=-1)
+
+
 def test_muon_leaves_embeddings_and_output_layer_to_adamw():
     """A pipeline tags the input embedding and the output layer's matrix; Muon keeps only the
     hidden matrix (io_adamw=False: every matrix, as before)."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from layerpipe.compensate import build_optimizer, make_compensation, parse_spec
+from layerpipe.compensate import build_optimizer, make_compensation, parse_spec, pipeline_optimizer
 from layerpipe.compensate.nesterov import delay_beta1
 from layerpipe.engine.stage import Stage
 from layerpipe.errors import LayerpipeError
@@ -204,16 +204,27 @@ def test_muon_delayed_momentum_only_on_delayed_stages():
             make_compensation("muon", params, 4, delayed_momentum=bad)
 
 
-def test_muon_delayed_momentum_window_follows_the_delay():
+def test_muon_delayed_momentum_by_depth():
+    """`delayed_momentum=depth`: every delayed stage takes 1 - 3 / (D + 3), D the pipeline's
+    largest delay (0.5 at D = 3, 0.7 at D = 7); the undelayed stage keeps 0.95."""
     params = _params([(4, 4)])
-    momentum = {d: make_compensation("muon", params, d, delayed_momentum_window=2).muon.param_groups[0]["momentum"]
-                for d in (0, 1, 3, 7, 100)}
-    # 1 - 2 / (d + 1), never above the undelayed stages' 0.95
-    assert momentum == pytest.approx({0: 0.95, 1: 0.0, 3: 0.5, 7: 0.75, 100: 0.95})
-    with pytest.raises(LayerpipeError, match="give one"):
-        make_compensation("muon", params, 4, delayed_momentum=0.8, delayed_momentum_window=2)
-    with pytest.raises(LayerpipeError, match="delayed_momentum_window must be a number > 0"):
-        make_compensation("muon", params, 4, delayed_momentum_window=-1)
+    for delays, want in (((3, 2, 1, 0), 0.5), ((7, 6, 5, 4, 3, 2, 1, 0), 0.7)):
+        factory = pipeline_optimizer(delays, ["muon:delayed_momentum=depth"])
+        got = [factory(params).muon.param_groups[0]["momentum"] for _ in delays]
+        assert got == pytest.approx([want] * (len(delays) - 1) + [0.95])
+    with pytest.raises(LayerpipeError, match="needs the pipeline's delays"):
+        make_compensation("muon", params, 4, delayed_momentum="depth")
+
+
+def test_engine_passes_the_pipeline_depth_to_the_compensation():
+    from layerpipe import Pipeline
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(8)])  # the last is the output: AdamW's
+    pipe = Pipeline(model, stages=[2, 2, 2, 2], weights="ema", schedule="pipedream",
+                    compensation=["muon:delayed_momentum=depth"])
+    assert [s.delay for s in pipe.stages] == [3, 2, 1, 0]
+    momenta = [s.optimizer.muon.param_groups[0]["momentum"] for s in pipe.stages]
+    assert momenta == pytest.approx([0.5, 0.5, 0.5, 0.95])
 
 
 def test_muon_leaves_embeddings_and_output_layer_to_adamw():

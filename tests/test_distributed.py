@@ -166,7 +166,7 @@ def case(stages, weights, schedule="layerpipe", model="mlp", opt="sgd", epochs=2
 
 # the transformer recipe's compensation (Muon with less momentum on delayed stages, PipeMare),
 # with the 1F1B timing it runs under
-RECIPE_COMP = ["muon:lr=0.02,delayed_momentum=0.5", "pipemare:anneal=20,warmup=3"]
+RECIPE_COMP = ["muon:lr=0.02,delayed_momentum=depth", "pipemare:anneal=20,warmup=3"]
 
 
 # K processes each run several cases on one connection (process start-up dominates on 2 cores)

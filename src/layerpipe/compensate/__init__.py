@@ -52,9 +52,11 @@ def build_optimizer(
     delay: int,
     specs: Iterable[Spec | str],
     base: OptimizerFactory | None = None,
+    max_delay: int | None = None,
 ) -> Any:
     """One stage's optimizer: at most one optimizer technique (else `base`), then the wrappers
-    in registry rank order (accumulate, pipemare, error-feedback, predict)."""
+    in registry rank order (accumulate, pipemare, error-feedback, predict). `max_delay`: the
+    pipeline's largest delay, for rules set by depth (`muon:delayed_momentum=depth`)."""
     parsed = [parse_spec(s) if isinstance(s, str) else (s[0], dict(s[1])) for s in specs]
     optimizers = [s for s in parsed if technique(s[0]).builds_optimizer]
     wrappers = sorted((s for s in parsed if not technique(s[0]).builds_optimizer), key=lambda s: technique(s[0]).rank)
@@ -62,13 +64,13 @@ def build_optimizer(
         raise LayerpipeError(f"choose one optimizer technique, got {', '.join(s[0] for s in optimizers)}")
     params = list(params)
     if optimizers:
-        opt = make_compensation(optimizers[0][0], params, delay, **optimizers[0][1])
+        opt = make_compensation(optimizers[0][0], params, delay, max_delay=max_delay, **optimizers[0][1])
     elif base is not None:
         opt = base(params)
     else:
         raise LayerpipeError("no optimizer: give an optimizer technique (nesterov, muon) or a base factory")
     for name, options in wrappers:
-        opt = make_compensation(name, params, delay, opt, **options)
+        opt = make_compensation(name, params, delay, opt, max_delay=max_delay, **options)
     return opt
 
 
@@ -86,7 +88,7 @@ def pipeline_optimizer(
         k = next(calls, None)
         if k is None:
             raise LayerpipeError(f"pipeline_optimizer was built for {len(delays)} stages and called once more")
-        return build_optimizer(params, delays[k], specs, base)
+        return build_optimizer(params, delays[k], specs, base, max_delay=max(delays, default=0))
 
     return factory
 

@@ -13,8 +13,8 @@ Muon's momentum follows the delay rule of `nesterov` (`delay_beta1(momentum, d_k
 momentum_max)`: longer windows on delayed stages); with `delayed_momentum=B` every stage with
 d_k > 0 uses momentum B instead (Mitliagkas et al., "Asynchrony begets momentum", 2016: a delay
 acts as implicit momentum, so the explicit one may be lowered where the delay is);
-`delayed_momentum_window=c` sets it by the stage's delay, 1 - c / (d_k + 1) (at most
-`momentum`): c = 2 gives 0.5 at d = 3 and 0.75 at d = 7;
+`delayed_momentum=depth` sets it by the pipeline's largest delay D, 1 - 3 / (D + 3) (0.5 at
+D = 3, 4 stages under the 1F1B timing; 0.7 at D = 7, 8 stages: the best measured at each depth);
 `delayed_adamw_beta1=B` does the same for the AdamW part's beta1 (0.9 elsewhere).
 
 torch's Muon runs its Newton-Schulz iteration in bfloat16, which is fast on accelerators but
@@ -169,6 +169,15 @@ class MuonAdamW:
             self.adamw.load_state_dict(state["adamw"])
 
 
+def depth_momentum(max_delay: int) -> float:
+    """The delayed stages' momentum for a pipeline whose largest delay is `max_delay`.
+
+    Measured on the zoo GPT (docs/transformer-diagnosis.md): 0.5 is best at 4 stages (D = 3),
+    0.6-0.8 at 8 (D = 7; 0.5 and 0.3 clearly worse there); a per-stage rule by each stage's own
+    delay was worse at 8 stages. A deeper pipeline wants more momentum on every delayed stage."""
+    return 1.0 - 3.0 / (max(max_delay, 0) + 3.0)
+
+
 @register("muon", builds_optimizer=True)
 def build_muon(
     params: Sequence[Tensor],
@@ -179,21 +188,21 @@ def build_muon(
     momentum: float = 0.95,
     momentum_max: float = 0.99,
     per_delay: bool = False,
-    delayed_momentum: float | None = None,
-    delayed_momentum_window: float | None = None,
+    delayed_momentum: float | str | None = None,
     adamw_weight_decay: float = 0.01,
     ns_dtype: str = "auto",
     io_adamw: bool = True,
     adamw_lr_scale: float = 1.0,
     delayed_adamw_beta1: float | None = None,
+    max_delay: int | None = None,
 ) -> MuonAdamW:
-    rules = [k for k, v in (("per_delay", per_delay or None), ("delayed_momentum", delayed_momentum),
-                             ("delayed_momentum_window", delayed_momentum_window)) if v is not None]
-    if len(rules) > 1:
-        raise LayerpipeError(f"muon: {' and '.join(rules)} are rules for the same momentum; give one")
-    if delayed_momentum_window is not None and (
-            not isinstance(delayed_momentum_window, (int, float)) or delayed_momentum_window <= 0):
-        raise ValueError(f"delayed_momentum_window must be a number > 0, got {delayed_momentum_window!r}")
+    if per_delay and delayed_momentum is not None:
+        raise LayerpipeError("muon: per_delay and delayed_momentum are two rules for the same momentum; give one")
+    if delayed_momentum == "depth":
+        if max_delay is None:
+            raise LayerpipeError("muon: delayed_momentum=depth needs the pipeline's delays (build it through "
+                                 "build_optimizer(..., max_delay=) or pipeline_optimizer)")
+        delayed_momentum = depth_momentum(max_delay)
     for key, value in (("momentum", momentum), ("delayed_momentum", delayed_momentum),
                        ("delayed_adamw_beta1", delayed_adamw_beta1)):
         if value is not None and (not isinstance(value, (int, float)) or not 0.0 <= value < 1.0):
@@ -201,10 +210,6 @@ def build_muon(
     mom = delay_beta1(momentum, delay, momentum_max) if per_delay else momentum
     if delayed_momentum is not None and delay > 0:
         mom = delayed_momentum
-    if delayed_momentum_window is not None and delay > 0:
-        # measured: the longer a stage's delay, the more momentum it wants (0.5 best at 4
-        # stages, 0.7 at 8); beta_k = 1 - c / (d_k + 1), clipped to [0, momentum]
-        mom = min(momentum, max(0.0, 1.0 - delayed_momentum_window / (delay + 1)))
     if not isinstance(adamw_lr_scale, (int, float)) or adamw_lr_scale <= 0:
         raise ValueError(f"adamw_lr_scale must be a number > 0, got {adamw_lr_scale!r}")
     # the AdamW part's beta1 on delayed stages (the same reasoning as delayed_momentum)

@@ -6,6 +6,8 @@ creates the stage's optimizer itself from (params, delay, options).
 """
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +28,8 @@ class Technique:
     #: wrappers are applied innermost first by this rank (predict last: it must see the
     #: whole applied update)
     rank: int
+    #: the builder takes `max_delay`, the pipeline's largest delay (a rule by depth)
+    takes_max_delay: bool = False
 
 
 TECHNIQUES: dict[str, Technique] = {}
@@ -37,7 +41,8 @@ def register(name: str, *, builds_optimizer: bool = False, rank: int = 50) -> Ca
     def deco(obj: Any) -> Any:
         if name in TECHNIQUES:
             raise ValueError(f"compensation {name!r} registered twice")
-        TECHNIQUES[name] = Technique(name, obj, builds_optimizer, rank)
+        takes = "max_delay" in inspect.signature(obj).parameters
+        TECHNIQUES[name] = Technique(name, obj, builds_optimizer, rank, takes)
         return obj
 
     return deco
@@ -55,14 +60,19 @@ def make_compensation(
     params: Sequence[Tensor],
     delay: int,
     optimizer: torch.optim.Optimizer | OptimizerFactory | None = None,
+    *,
+    max_delay: int | None = None,
     **options: Any,
 ) -> Any:
     """Build technique `name` for one stage.
 
     Optimizer techniques ignore `optimizer` and return a new optimizer over `params`;
-    wrappers wrap `optimizer` (an instance, or a factory called with `params`)."""
+    wrappers wrap `optimizer` (an instance, or a factory called with `params`). `max_delay`,
+    the largest delay of the stage's pipeline, goes to the techniques whose rules need it."""
     tech = technique(name)
     params = list(params)
+    if tech.takes_max_delay:
+        options["max_delay"] = max_delay
     try:
         if tech.builds_optimizer:
             if optimizer is not None:

@@ -56,7 +56,8 @@ def build_stages(
             continue
         factory = optimizer
         if compensation:
-            factory = functools.partial(build_optimizer, delay=spec.delays[k], specs=list(compensation), base=optimizer)
+            factory = functools.partial(build_optimizer, delay=spec.delays[k], specs=list(compensation), base=optimizer,
+                                        max_delay=max(spec.delays))
         owned = [p for p in modules[k].parameters() if p.requires_grad and users[id(p)][0] == k] if tied else None
         stages.append(Stage(k, modules[k], spec.delays[k], lambda ps, d, opt: make_strategy(weights, ps, d, opt, **options),
                             factory, is_last=k == last, loss_fn=loss_fn, owned=owned, autocast=autocast,

@@ -130,21 +130,28 @@ def test_accumulate_per_delay():
 
 
 # -- (e) pipemare --------------------------------------------------------------------------
-@pytest.mark.parametrize("power", [1.0, 1.5])
-def test_pipemare_matches_reference(power):
+@pytest.mark.parametrize("power, anneal", [(1.0, 10), (1.5, 10), (1.0, "never")])
+def test_pipemare_matches_reference(power, anneal):
     shapes = [(3,)]
     params, grads = _params(shapes), _grads(shapes, 15)
     ref = params[0].detach().clone()
-    lr, delay, anneal, warmup = 0.2, 4, 10, 3
+    lr, delay, warmup = 0.2, 4, 3
     sgd = torch.optim.SGD(params, lr=lr)
     opt = make_compensation("pipemare", params, delay, sgd, anneal=anneal, warmup=warmup, power=power)
     _run(opt, params, grads)
     for t, gs in enumerate(grads):
         warm = min(1.0, (t + 1) / warmup)
-        exponent = power * (1.0 - min(1.0, t / anneal))
+        exponent = power if anneal == "never" else power * (1.0 - min(1.0, t / anneal))
         ref = ref - lr * warm * delay**-exponent * gs[0]
     torch.testing.assert_close(params[0].detach(), ref, rtol=1e-5, atol=1e-6)
     assert sgd.param_groups[0]["lr"] == lr  # restored: an outer schedule still owns it
+
+
+def test_pipemare_rejects_a_bad_anneal():
+    params = _params([(3,)])
+    for bad in ("sometimes", -5):
+        with pytest.raises(LayerpipeError, match="anneal must be a number of ticks >= 0 or 'never'"):
+            make_compensation("pipemare", params, 2, torch.optim.SGD(params, lr=0.1), anneal=bad)
 
 
 # -- (f) muon ------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ optimizer's learning rate is multiplied by
     s_k(t) = min(1, (t + 1) / warmup) * max(1, d_k) ** -(power * (1 - min(1, t / anneal)))
 
 so a stage with delay d_k starts at lr / d_k ** power (power 1: PipeMare's lr / d_k) and
-reaches the full lr after `anneal` ticks (Yang et al., PipeMare, 2021). The group's lr is
-restored after the step, so any outer schedule that sets it keeps working. No memory.
+reaches the full lr after `anneal` ticks (Yang et al., PipeMare, 2021); `anneal=never` keeps
+lr / d_k ** power for the whole run (what the transformer recipe measured best: the longer the
+scaling lasted, the lower the pipelined loss). The group's lr is restored after the step, so
+any outer schedule that sets it keeps working. No memory.
 """
 from __future__ import annotations
 
@@ -21,9 +23,13 @@ from layerpipe.compensate.base import Compensation
 from layerpipe.compensate.registry import register
 
 
-def pipemare_scale(tick: int, delay: int, anneal: int, warmup: int, power: float = 1.0) -> float:
+def pipemare_scale(tick: int, delay: int, anneal: int | None, warmup: int, power: float = 1.0) -> float:
+    """s_k(t) above; `anneal` None: never annealed (lr / d_k ** power throughout)."""
     warm = min(1.0, (tick + 1) / warmup) if warmup > 0 else 1.0
-    p = 1.0 - min(1.0, tick / anneal) if anneal > 0 else 0.0
+    if anneal is None:
+        p = 1.0
+    else:
+        p = 1.0 - min(1.0, tick / anneal) if anneal > 0 else 0.0
     return warm * max(1, delay) ** -(power * p)
 
 
@@ -32,11 +38,14 @@ class PipeMare(Compensation):
     name = "pipemare"
 
     def __init__(
-        self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer, *, anneal: int = 500, warmup: int = 100,
-        power: float = 1.0,
+        self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer, *, anneal: int | str = 500,
+        warmup: int = 100, power: float = 1.0,
     ) -> None:
         super().__init__(params, delay, optimizer)
-        self.anneal, self.warmup, self.power = int(anneal), int(warmup), float(power)
+        if anneal != "never" and (not isinstance(anneal, (int, float)) or anneal < 0):
+            raise ValueError(f"anneal must be a number of ticks >= 0 or 'never', got {anneal!r}")
+        self.anneal = None if anneal == "never" else int(anneal)
+        self.warmup, self.power = int(warmup), float(power)
         self.ticks = 0
 
     def step(self, closure=None) -> None:

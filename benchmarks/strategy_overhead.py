@@ -4,7 +4,7 @@ holds for weight history relative to |W|, side by side in one run.
     .venv/bin/python benchmarks/strategy_overhead.py [--ticks 60] [--repeats 5] [--out FILE]
 
 Models: the MNIST-1D 1-D CNN of the zoo (batch 32) and a wider MLP (8 blocks of 512 units,
-batch 64), each at K = 2, 4, 8 stages (capped at one layer per stage). Measurements are
+batch 64); `--models mlp-ln-128` adds a small LayerNorm MLP (8 blocks of 128, batch 32); each at K = 2, 4, 8 stages (capped at one layer per stage). Measurements are
 interleaved round-robin (plain, sync, stash, ema, ... then again) and the median of the
 repeats is reported, so that a noisy neighbour affects all strategies alike. `plain` is
 the same model trained by a plain PyTorch loop (one forward, one backward, one optimizer),
@@ -42,6 +42,14 @@ def wide_mlp() -> nn.Sequential:
     return nn.Sequential(*blocks, nn.Linear(512, 10))
 
 
+def ln_mlp() -> nn.Sequential:
+    """A small LayerNorm MLP (width 128), the kind of model a new user tries first: ticks
+    of a few hundred microseconds, so the engine's own per-tick work shows most."""
+    blocks = [nn.Sequential(nn.Linear(64, 128), nn.LayerNorm(128), nn.GELU())]
+    blocks += [nn.Sequential(nn.Linear(128, 128), nn.LayerNorm(128), nn.GELU()) for _ in range(6)]
+    return nn.Sequential(*blocks, nn.Linear(128, 10))
+
+
 def cnn1d() -> nn.Sequential:
     from layerpipe.models import build_model
 
@@ -51,6 +59,8 @@ def cnn1d() -> nn.Sequential:
 def batch_for(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     if name == "mlp-512":
         return torch.randn(n, 256), torch.randint(0, 10, (n,))
+    if name == "mlp-ln-128":
+        return torch.randn(n, 64), torch.randint(0, 10, (n,))
     from layerpipe.models import example_input
 
     return example_input("cnn1d", n), torch.randint(0, 10, (n,))
@@ -101,7 +111,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--depths", default="2,4,8")
     p.add_argument("--clock", default="wall", choices=tuple(CLOCKS), help="wall (default) or cpu (process CPU time)")
-    p.add_argument("--models", default="cnn1d,mlp-512")
+    p.add_argument("--models", default="cnn1d,mlp-512", help="comma-separated: cnn1d, mlp-512, mlp-ln-128")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="also write the report to this Markdown file")
     args = p.parse_args()
@@ -109,7 +119,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     env = environment()
     clock = CLOCKS[args.clock]
-    models = {n: m for n, m in {"cnn1d": (cnn1d, 32), "mlp-512": (wide_mlp, 64)}.items() if n in args.models.split(",")}
+    models = {n: m for n, m in {"cnn1d": (cnn1d, 32), "mlp-512": (wide_mlp, 64), "mlp-ln-128": (ln_mlp, 32)}.items() if n in args.models.split(",")}
     lines = [
         "# Weight-strategy overhead: time per tick vs sync (and plain PyTorch), weight history vs |W|",
         "",

@@ -27,13 +27,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "cnn1d": dict(epochs=30, batch_size=64, optimizer="adam", lr=2e-3, threads=1),
     "resnet18": dict(epochs=5, batch_size=64, optimizer="sgd", lr=0.05, threads=0),
     "snn": dict(epochs=25, batch_size=64, optimizer="adam", lr=3e-3, threads=1),
-    # the transformer: Muon on the matrices (AdamW on the rest) at 1.6e-2, a per-microbatch
-    # cosine, PipeMare's per-delay lr scaling on the delayed stages annealed over 10,000 ticks
-    # (lr / d_k for most of a short run), momentum 0.5 instead of 0.95 on the delayed stages
-    # (a delay acts as momentum already), the 1F1B timing (delays S(k), half LayerPipe's
-    # 2 S(k)), and microbatches of 4 sequences (sync's best batch on the default data; smaller
-    # batches help the pipelined runs more): the best measured recipe, synchronous and
-    # pipelined (docs/results.md, "Transformer")
+    # the transformer: Muon on the hidden matrices (AdamW on the rest) at 1.6e-2, momentum 0.9
+    # (sync's best), a per-microbatch cosine, PipeMare's lr / d_k on the delayed stages for the
+    # whole run, less momentum there, set by depth (0.5 at 4 stages, 0.7 at 8: a delay acts as
+    # momentum already), the 1F1B timing (delays S(k), half LayerPipe's 2 S(k)), and
+    # microbatches of 4 sequences (sync's best batch on the default data): the best measured
+    # recipe, synchronous and pipelined (docs/results.md, "Transformer")
     "gpt": dict(epochs=2, batch_size=4, optimizer="adamw", lr=1.6e-2, threads=0, lr_schedule="cosine-step",
                 schedule="pipedream",
                 compensation=["muon:momentum=0.9,delayed_momentum=depth", "pipemare:anneal=never,warmup=30"]),

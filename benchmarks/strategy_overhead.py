@@ -4,7 +4,8 @@ holds for weight history relative to |W|, side by side in one run.
     .venv/bin/python benchmarks/strategy_overhead.py [--ticks 60] [--repeats 5] [--out FILE]
 
 Models: the MNIST-1D 1-D CNN of the zoo (batch 32) and a wider MLP (8 blocks of 512 units,
-batch 64); `--models mlp-ln-128` adds a small LayerNorm MLP (8 blocks of 128, batch 32); each at K = 2, 4, 8 stages (capped at one layer per stage). Measurements are
+batch 64); `--models mlp-ln-128` adds a small LayerNorm MLP (8 blocks of 128, batch 32).
+Each runs at K = 2, 4, 8 stages (capped at one layer per stage). Measurements are
 interleaved round-robin (plain, sync, stash, ema, ... then again) and the median of the
 repeats is reported, so that a noisy neighbour affects all strategies alike. `plain` is
 the same model trained by a plain PyTorch loop (one forward, one backward, one optimizer),
@@ -44,7 +45,7 @@ def wide_mlp() -> nn.Sequential:
 
 def ln_mlp() -> nn.Sequential:
     """A small LayerNorm MLP (width 128), the kind of model a new user tries first: ticks
-    of a few hundred microseconds, so the engine's own per-tick work shows most."""
+    of a few milliseconds on one CPU thread, so the engine's own per-tick work shows most."""
     blocks = [nn.Sequential(nn.Linear(64, 128), nn.LayerNorm(128), nn.GELU())]
     blocks += [nn.Sequential(nn.Linear(128, 128), nn.LayerNorm(128), nn.GELU()) for _ in range(6)]
     return nn.Sequential(*blocks, nn.Linear(128, 10))

@@ -221,6 +221,8 @@ def test_muon_delayed_momentum_by_depth():
         assert got == pytest.approx([want] * (len(delays) - 1) + [0.95])
     with pytest.raises(LayerpipeError, match="needs the pipeline's delays"):
         make_compensation("muon", params, 4, delayed_momentum="depth")
+    with pytest.raises(LayerpipeError, match="max_delay is the pipeline's largest delay, not an option"):
+        build_optimizer(params, 3, ["muon:max_delay=7"], max_delay=3)
 
 
 def test_engine_passes_the_pipeline_depth_to_the_compensation():

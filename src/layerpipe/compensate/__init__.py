@@ -58,6 +58,9 @@ def build_optimizer(
     in registry rank order (accumulate, pipemare, error-feedback, predict). `max_delay`: the
     pipeline's largest delay, for rules set by depth (`muon:delayed_momentum=depth`)."""
     parsed = [parse_spec(s) if isinstance(s, str) else (s[0], dict(s[1])) for s in specs]
+    for name, options in parsed:
+        if "max_delay" in options:  # the pipeline gives it; a spec's own would collide
+            raise LayerpipeError(f"compensation {name!r}: max_delay is the pipeline's largest delay, not an option")
     optimizers = [s for s in parsed if technique(s[0]).builds_optimizer]
     wrappers = sorted((s for s in parsed if not technique(s[0]).builds_optimizer), key=lambda s: technique(s[0]).rank)
     if len(optimizers) > 1:
@@ -83,12 +86,13 @@ def pipeline_optimizer(
     the calls. (Stages without parameters do not call it: give `delays` of those with.)"""
     specs = list(specs)
     calls = iter(range(len(delays)))
+    max_delay = max(delays, default=0)
 
     def factory(params: list[Tensor]) -> Any:
         k = next(calls, None)
         if k is None:
             raise LayerpipeError(f"pipeline_optimizer was built for {len(delays)} stages and called once more")
-        return build_optimizer(params, delays[k], specs, base, max_delay=max(delays, default=0))
+        return build_optimizer(params, delays[k], specs, base, max_delay=max_delay)
 
     return factory
 

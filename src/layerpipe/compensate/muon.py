@@ -206,7 +206,8 @@ def build_muon(
     for key, value in (("momentum", momentum), ("delayed_momentum", delayed_momentum),
                        ("delayed_adamw_beta1", delayed_adamw_beta1)):
         if value is not None and (not isinstance(value, (int, float)) or not 0.0 <= value < 1.0):
-            raise ValueError(f"{key} must be a number in [0, 1), got {value!r}")
+            also = " or 'depth'" if key == "delayed_momentum" else ""
+            raise ValueError(f"{key} must be a number in [0, 1){also}, got {value!r}")
     mom = delay_beta1(momentum, delay, momentum_max) if per_delay else momentum
     if delayed_momentum is not None and delay > 0:
         mom = delayed_momentum

@@ -28,8 +28,10 @@ def pipemare_scale(tick: int, delay: int, anneal: int | None, warmup: int, power
     warm = min(1.0, (tick + 1) / warmup) if warmup > 0 else 1.0
     if anneal is None:
         p = 1.0
-    else:
-        p = 1.0 - min(1.0, tick / anneal) if anneal > 0 else 0.0
+    elif anneal > 0:
+        p = 1.0 - min(1.0, tick / anneal)
+    else:  # anneal 0: the full lr at once
+        p = 0.0
     return warm * max(1, delay) ** -(power * p)
 
 

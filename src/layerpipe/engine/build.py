@@ -51,13 +51,14 @@ def build_stages(
     by_id = {id(p): p for m in modules for p in m.parameters()}
     tied = {i: ks for i, ks in users.items() if len(ks) > 1}
     stages = []
+    max_delay = max(spec.delays)  # for compensation rules set by the pipeline's depth
     for k in range(spec.num_stages):
         if only is not None and k != only:
             continue
         factory = optimizer
         if compensation:
             factory = functools.partial(build_optimizer, delay=spec.delays[k], specs=list(compensation), base=optimizer,
-                                        max_delay=max(spec.delays))
+                                        max_delay=max_delay)
         owned = [p for p in modules[k].parameters() if p.requires_grad and users[id(p)][0] == k] if tied else None
         stages.append(Stage(k, modules[k], spec.delays[k], lambda ps, d, opt: make_strategy(weights, ps, d, opt, **options),
                             factory, is_last=k == last, loss_fn=loss_fn, owned=owned, autocast=autocast,

@@ -36,6 +36,10 @@ CLI_CASES = [
     ("compensation-unknown", TRAIN + ["--compensation", "bogus"], "unknown compensation 'bogus'"),
     ("compensation-option-syntax", TRAIN + ["--compensation", "muon:lr"], "is not KEY=VALUE"),
     ("compensation-option-type", TRAIN + ["--compensation", "pipemare:anneal=abc"], "compensation 'pipemare'"),
+    ("compensation-option-value", TRAIN + ["--run-dir", "{tmp}", "--compensation", "muon:delayed_momentum=deep"],
+     "delayed_momentum must be"),
+    ("compensation-max-delay", TRAIN + ["--run-dir", "{tmp}", "--compensation", "muon:max_delay=3"],
+     "max_delay is the pipeline's largest delay"),
     ("sync-warmup-negative", TRAIN + ["--sync-warmup", "-1"], "--sync-warmup must be >= 0"),
     ("lr-schedule-unknown", TRAIN + ["--lr-schedule", "weekly"], "invalid choice"),
     ("lr-nan", TRAIN + ["--lr", "nan"], "--lr must be a positive number"),
@@ -125,6 +129,7 @@ def test_cli_bad_input_is_one_line(argv, fragment, places, capsys):
     assert Path(places["file"]).read_text() == "keep me\n"
     assert (Path(places["run"]) / "metrics.jsonl").read_text() == '{"header": true}\n'
     assert (Path(places["results"]) / "results.md").read_text() == "# earlier results\n"
+    assert not Path(places["tmp"]).exists()  # refused before any output (no empty run folder)
 
 
 # -- the API -----------------------------------------------------------------------------------------

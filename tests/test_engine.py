@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import layerpipe.engine.stage as stage_module
 from layerpipe import Pipeline
 from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
 from reference import delayed_sgd, plain_training
@@ -65,16 +66,26 @@ def test_one_stage_equals_plain_pytorch_bit_for_bit(weights):
         assert torch.equal(p, q)
 
 
+@pytest.fixture(params=["swap", "hooks"])
+def backward_path(request, monkeypatch):
+    """Both ways a stage's backward reaches past weights: copied into the parameters (small
+    stages, the default here) and through the saved-tensor hooks (large stages)."""
+    if request.param == "hooks":
+        monkeypatch.setattr(stage_module, "SWAP_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("schedule", ["layerpipe", "pipedream"])
 @pytest.mark.parametrize("opt", [SGD_MOMENTUM, ADAM], ids=["sgd-momentum", "adam"])
 @pytest.mark.parametrize("stages", [[1, 3, 2, 1], [4, 3], [2, 1, 1, 1, 2]])
-def test_stash_equals_handwritten_delayed_sgd(stages, opt, schedule):
+def test_stash_equals_handwritten_delayed_sgd(stages, opt, schedule, backward_path):
     model, batches = make_model(torch.float64), make_batches(dtype=torch.float64)
     K = len(stages)
     delays = [(2 if schedule == "layerpipe" else 1) * (K - 1 - k) for k in range(K)]
     ref_model, ref_losses = delayed_sgd(model, stages, delays, batches, opt, F.cross_entropy)
     pipe, losses = run_pipeline(model, batches, stages=stages, weights="stash", optimizer=opt, schedule=schedule)
     assert pipe.delays == delays
+    assert any(s.swaps for s in pipe.stages) == (backward_path == "swap")
     assert losses == pytest.approx(ref_losses, rel=1e-10, abs=1e-12)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
@@ -88,7 +99,7 @@ def test_stash_differs_from_latest_so_the_reference_test_has_teeth():
     assert diff > 1e-6
 
 
-def test_custom_delays_match_reference():
+def test_custom_delays_match_reference(backward_path):
     model, batches = make_model(torch.float64), make_batches(dtype=torch.float64)
     delays = [7, 5, 3, 1]
     ref_model, ref_losses = delayed_sgd(model, [1, 3, 2, 1], delays, batches, SGD_MOMENTUM, F.cross_entropy)
@@ -98,7 +109,7 @@ def test_custom_delays_match_reference():
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
-def test_conv_and_batchnorm_model_matches_reference():
+def test_conv_and_batchnorm_model_matches_reference(backward_path):
     """Views of saved weights (conv, linear's transpose) and BatchNorm buffers."""
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -185,7 +196,7 @@ def test_nan_loss_stops_training():
             pipe.step(x, torch.zeros(4, dtype=torch.long))
 
 
-def test_transformer_stash_matches_reference():
+def test_transformer_stash_matches_reference(backward_path):
     """Attention and 3-D linear layers save transposed views of weights: still exact."""
     from layerpipe.data import loss_fn
     from layerpipe.models import build_model

@@ -72,6 +72,33 @@ def test_trains_through_the_pipeline_and_counts_its_memory_honestly(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_the_two_backward_paths_give_the_same_numbers(name, monkeypatch):
+    """A small stage copies the past version into its parameters for the backward; a large one
+    hands it to autograd through the saved-tensor hooks (the path checked against the
+    references in test_engine.py): bit for bit the same training, for every strategy."""
+    import layerpipe.engine.stage as stage_module
+
+    def train(swap_bytes: int) -> tuple[list[float], list[torch.Tensor], list[bool]]:
+        monkeypatch.setattr(stage_module, "SWAP_BYTES", swap_bytes)
+        model = _model()
+        pipe = Pipeline(model, stages=[2, 2, 1], weights=name, optimizer=_sgd)
+        losses = []
+        for x, y in _batches(16):
+            losses += [float(v) for v in pipe.step(x, y).losses.values()]
+        for info in pipe.flush():
+            losses += [float(v) for v in info.losses.values()]
+        return losses, [p.detach().clone() for p in model.parameters()], [s.swaps for s in pipe.stages]
+
+    swap_losses, swap_params, swaps = train(1 << 20)
+    hook_losses, hook_params, no_swaps = train(0)
+    # the last stage has d = 0; a backward on the live weights (`latest`) needs neither path
+    delayed = not strategy_class(name).live_backward
+    assert swaps == [delayed, delayed, False] and no_swaps == [False, False, False]
+    assert swap_losses == hook_losses
+    assert all(torch.equal(a, b) for a, b in zip(swap_params, hook_params))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_a_checkpoint_resumes_to_the_same_weights(name):
     if not strategy_class(name).checkpointable:
         pytest.skip(f"{name} is a measurement tool")

@@ -80,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
         raise LayerpipeError("--resume needs --run-dir (the folder of the run to continue)")
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config.model, config.weights)
     rank0 = world is None or world.rank == 0
+    if distributed:  # a count that cannot fit the processes: refused before the run folder is made
+        from layerpipe.plan.partition import parse_stages
+        from layerpipe.training.engines import check_stage_count
+
+        check_stage_count(parse_stages(config.stages), processes, dp=dp)
     if rank0 and not os.environ.get(WORKER_ARGS_ENV):  # a launched child: the launcher checked
         check_outputs(args, run_dir)
     if distributed and world is None and nproc > 1:

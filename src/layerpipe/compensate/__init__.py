@@ -21,6 +21,7 @@ import ast
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from layerpipe.compensate import accumulate, error_feedback, muon, nesterov, pipemare, predict  # noqa: F401  (registers)
@@ -45,6 +46,13 @@ def parse_spec(text: str) -> Spec:
             options[key.strip()] = value.strip()
     technique(name.strip())  # fail early on an unknown name
     return name.strip(), options
+
+
+def check_specs(specs: Iterable[Spec | str]) -> None:
+    """Build the chain once on two scratch parameters (a matrix and a vector), so that a bad
+    name or option is one line before a run starts, not after its first output."""
+    scratch = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))]
+    build_optimizer(scratch, 1, list(specs), base=lambda ps: torch.optim.SGD(ps, lr=0.1), max_delay=1)
 
 
 def build_optimizer(
@@ -121,6 +129,7 @@ __all__ = [
     "attach",
     "attach_stage",
     "build_optimizer",
+    "check_specs",
     "compensation_bytes",
     "history_bytes",
     "make_compensation",

@@ -16,6 +16,14 @@ A strategy whose backward reads the live weights (`latest`) needs none of this: 
 runs the forward without hooks and sets its parameters' autograd version counters back after
 each optimizer step, so autograd accepts the updated live weights in the later backward.
 
+A small stage (at most `SWAP_BYTES` of weights) skips the hooks too, whatever its strategy:
+the hooks cost a Python call per saved tensor at pack and at unpack, more than copying a
+few kilobytes of weights. Its updates are hidden from autograd as above, and its backward
+copies the chosen version into the parameters' own storage (the live weights wait in a
+buffer of the stage's size and come back after), so what autograd saved, views included,
+reads that version. Not with autocast (the cast copy holds the forward's weights), tied
+parameters or a compensation's forward context: those keep the hooks.
+
 Two other forms a weight takes before autograd saves it are handled the same way:
 - a dtype cast under `torch.autocast` (a copy whose autograd parent is the parameter): the
   pack hook keeps a reference and the dtype; the backward gets the chosen version, cast as
@@ -55,11 +63,17 @@ from layerpipe.compensate import history_bytes
 from layerpipe.engine.saved import STRIDED, ParamRef, TiedGrads, same_tensor, set_versions, storage_spans
 from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
 from layerpipe.weights import WeightStrategy
+from layerpipe.weights.flat import FlatBuffer
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 #: called once per stage with its optimizer; the scheduler is stepped after every update
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+#: a stage with at most this many bytes of weights runs its backward on a past version by
+#: copying it into the parameters instead of through saved-tensor hooks (module docstring)
+SWAP_BYTES = 256 * 1024
 
 
 @dataclass
@@ -70,6 +84,7 @@ class InFlight:
     output: Any  # the stage output, a tensor or a tuple (the loss on the last stage)
     version: int  # weight version its forward used
     foreign_versions: tuple[int, ...] = ()  # versions of the owners of its tied parameters
+    hooked: bool = True  # its forward ran under the saved-tensor hooks
 
 
 
@@ -173,8 +188,15 @@ class Stage:
         # the forward's weights)
         live = (self.strategy.live_backward and all(s.live_backward for s, _ in self._foreign)
                 and self._autocast is None)
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.params)
+        #: a backward on a past version copies it into the parameters (module docstring)
+        self.swaps = (bool(self.params) and not live and set_versions is not None and self.delay > 0 and self._autocast is None
+                      and not self._foreign and not self._owned_tied and weight_bytes <= SWAP_BYTES)
+        self._swap_buffer: FlatBuffer | None = None  # the live weights during such a backward
+        self._live_versions: tuple[int, ...] = ()
+        self._buffer_is_live = False  # the swap buffer holds the live weights (no update since)
         #: the updates of this stage are hidden from autograd's version check (see `update`)
-        self.hides_updates = live and set_versions is not None
+        self.hides_updates = (live or self.swaps) and set_versions is not None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(*((same_tensor, same_tensor) if live else (self._pack, self._unpack)))
 
     def _forward_hooks(self) -> AbstractContextManager[Any]:
@@ -266,7 +288,8 @@ class Stage:
         foreign = tuple(s.record_forward() for s, _ in self._foreign) if self._foreign else ()
         predicted = self.forward_context() if self.forward_context is not None else nullcontext()
         # hooks cost a Python call per saved tensor: none where autograd's own saving is exact
-        with predicted, self._forward_hooks():
+        hooks = self._forward_hooks()
+        with predicted, hooks:
             if self._autocast is None:
                 out = self._run(args, kwargs, target)
             else:
@@ -274,7 +297,7 @@ class Stage:
                     out = self._run(args, kwargs, target)
         if self.is_last and not torch.isfinite(out.detach()).all():  # host sync on GPU
             raise TrainingDiverged(f"the loss of microbatch {mb} is {out.item()} (stage {self.index}); training stopped")
-        self.inflight[mb] = InFlight(inputs, out, version, foreign)
+        self.inflight[mb] = InFlight(inputs, out, version, foreign, hooks is self._hooks)
         return _detach(out)
 
     def _run(self, args: tuple, kwargs: dict, target: Any) -> Any:
@@ -294,6 +317,32 @@ class Stage:
         item = self.inflight.pop(mb)
         for p in self.owned:
             p.grad = None
+        saved: list[Tensor | None] = []
+        if self.swaps and not item.hooked:  # small stage: the version is copied in, no hooks
+            swapped = False
+            try:
+                swapped = self._swap_in(item.version)
+                _run_backward(item.output, grad_output, self.is_last)
+            finally:
+                if swapped:
+                    self._swap_out()
+                self.strategy.release(item.version)
+        else:
+            saved = self._backward_hooked(item, grad_output)
+        if self._foreign or self._owned_tied:
+            self._exchange_tied(mb, saved)
+        inputs = item.inputs
+        if isinstance(inputs, Tensor):
+            return inputs.grad if inputs.requires_grad else None
+        if self.is_first:
+            return None
+        return tuple(v.grad if isinstance(v, Tensor) and v.requires_grad else None for v in inputs)
+
+    def _backward_hooked(self, item: InFlight, grad_output: Any) -> list[Tensor | None]:
+        """The backward of a forward that ran under the saved-tensor hooks: the unpack hook
+        hands autograd the strategy's version. Returns the gradients of tied parameters owned
+        elsewhere that were set aside (`_exchange_tied` puts them back)."""
+        saved: list[Tensor | None] = []
         weights = self._backward_weights = self.strategy.backward_weights(item.version)
         differs = weights is not self.strategy.params
         if self._foreign:  # tied parameters owned elsewhere: their owners' versions
@@ -323,14 +372,32 @@ class Stage:
             self.strategy.release(item.version)
             for (strategy, _), v in zip(self._foreign, item.foreign_versions):
                 strategy.release(v)
-        if self._foreign or self._owned_tied:
-            self._exchange_tied(mb, saved if self._foreign else [])
-        inputs = item.inputs
-        if isinstance(inputs, Tensor):
-            return inputs.grad if inputs.requires_grad else None
-        if self.is_first:
-            return None
-        return tuple(v.grad if isinstance(v, Tensor) and v.requires_grad else None for v in inputs)
+        return saved
+
+    def _swap_in(self, version: int) -> bool:
+        """Put the weights the backward of `version` sees into the parameters' own storage (a
+        backward without hooks); the live weights wait in the swap buffer. False where the
+        strategy gives the live weights (nothing moved). Version counters are set back:
+        autograd saved these tensors before and must accept them."""
+        live = self._live_data
+        if self._swap_buffer is None:
+            self._swap_buffer = FlatBuffer(live)
+        self._live_versions = tuple(w._version for w in live)
+        self._swap_buffer.copy_from(live)
+        if not self.strategy.write_backward_weights(version):
+            return False
+        assert set_versions is not None  # `swaps` needs it
+        set_versions(tuple(live), self._live_versions)
+        return True
+
+    def _swap_out(self) -> None:
+        """The live weights back into the parameters after a `_swap_in` backward."""
+        assert self._swap_buffer is not None
+        live = self._live_data
+        torch._foreach_copy_(live, self._swap_buffer.views)
+        assert set_versions is not None
+        set_versions(tuple(live), self._live_versions)
+        self._buffer_is_live = True  # until the next update
 
     def _exchange_tied(self, mb: int, saved: list[Tensor | None]) -> None:
         """Park this stage's part of the gradient of tied parameters owned elsewhere (their
@@ -351,6 +418,10 @@ class Stage:
         when `clip_grad_norm` is set; the learning-rate scheduler steps after)."""
         if self.clip_grad_norm is not None and self.owned:
             torch.nn.utils.clip_grad_norm_(self.owned, self.clip_grad_norm)
+        if self._buffer_is_live:  # the swap buffer equals the live weights: offer it
+            assert self._swap_buffer is not None
+            self._swap_buffer = self.strategy.take_live_copy(self._swap_buffer) or self._swap_buffer
+            self._buffer_is_live = False
         self.strategy.before_update()
         if self.optimizer is not None:
             if self.hides_updates:

@@ -107,12 +107,11 @@ class TrainConfig:
         for key, value in recipe(self.model).items():
             if getattr(self, key) is None:
                 setattr(self, key, list(value) if isinstance(value, list) else value)
-        from layerpipe.compensate import parse_spec
+        from layerpipe.compensate import check_specs
 
         if self.sync_warmup < 0:
             raise LayerpipeError(f"--sync-warmup must be >= 0, got {self.sync_warmup}")
-        for spec in self.compensation:
-            parse_spec(spec)  # one line for an unknown technique or a malformed option
+        check_specs(self.compensation)  # one line for an unknown technique or a bad option, now
         _choice("weight strategy", self.weights, weight_choices())
         if self.weight_options:
             check_options("latest" if self.weights == "sync" else self.weights, self.weight_options)

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from layerpipe.weights.flat import FlatBuffer
+
 
 class WeightStrategy:
     """Base class: no weight history at all (the backward sees the current weights)."""
@@ -50,6 +52,22 @@ class WeightStrategy:
     def backward_weights(self, version: int) -> list[Tensor]:
         """Tensors standing in for the parameters in the backward of a forward at `version`."""
         return self.params
+
+    def write_backward_weights(self, version: int) -> bool:
+        """Write the weights the backward of `version` sees into `params` themselves (the
+        engine keeps their live values aside and puts them back after); False, and nothing
+        written, where those are the live weights."""
+        weights = self.backward_weights(version)
+        if weights is self.params:
+            return False
+        torch._foreach_copy_(self.params, list(weights))
+        return True
+
+    def take_live_copy(self, copy: FlatBuffer) -> FlatBuffer | None:
+        """Called before an update with a flat copy of the live weights the engine made anyway:
+        a strategy that would copy them in `before_update` may keep it and give back a
+        buffer of the same layout for the engine's next use; None: not taken."""
+        return None
 
     def release(self, version: int) -> None:
         """The backward of the forward at `version` is done."""

@@ -80,6 +80,10 @@ class UpdateEMA(WeightStrategy):
                 torch.add(w, a, alpha=scale, out=r)
         return out
 
+    def write_backward_weights(self, version: int) -> bool:
+        # in place, one pass: W_then = W_now - n u_hat is the shift by -n
+        return self.version != version and self.shift_(self.params, float(version - self.version))
+
     def release(self, version: int) -> None:
         if self._lent is not None:  # the backward that read the rebuilt weights is done
             SCRATCH.give(self._lent)

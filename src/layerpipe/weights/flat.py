@@ -33,11 +33,8 @@ class FlatBuffer:
                 offset += n
             self.flats.append(flat)
         self.views: list[Tensor] = [v for v in views if v is not None]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes actually allocated, counted from the tensors held."""
-        return sum(f.numel() * f.element_size() for f in self.flats)
+        #: bytes actually allocated, counted from the tensors held (fixed: read every tick)
+        self.nbytes = sum(f.numel() * f.element_size() for f in self.flats)
 
     def copy_from(self, tensors: Sequence[Tensor]) -> None:
         if self.views:

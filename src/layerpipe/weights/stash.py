@@ -30,6 +30,7 @@ class Stash(WeightStrategy):
         self._pending: Counter[int] = Counter()  # version -> backwards still to run
         self._saved: dict[int, FlatBuffer] = {}
         self._free: list[FlatBuffer] = []
+        self._held = 0  # bytes of the buffers in `_saved` and `_free` (read every tick)
 
     def record_forward(self) -> int:
         self._pending[self.version] += 1
@@ -48,9 +49,25 @@ class Stash(WeightStrategy):
             if buf is not None:
                 self._free.append(buf)
 
+    def take_live_copy(self, copy: FlatBuffer) -> FlatBuffer | None:
+        # the copy `before_update` would make, already made: keep it, lend a free buffer back
+        if self._pending.get(self.version, 0) <= 0 or self.version in self._saved:
+            return None
+        self._saved[self.version] = copy
+        self._held += copy.nbytes
+        if not self._free:
+            return FlatBuffer(self.params)
+        lent = self._free.pop()
+        self._held -= lent.nbytes
+        return lent
+
     def before_update(self) -> None:
-        if self._pending.get(self.version, 0) > 0:
-            buf = self._free.pop() if self._free else FlatBuffer(self.params)
+        if self._pending.get(self.version, 0) > 0 and self.version not in self._saved:
+            if self._free:
+                buf = self._free.pop()
+            else:
+                buf = FlatBuffer(self.params)
+                self._held += buf.nbytes
             buf.copy_from(self.params)
             self._saved[self.version] = buf
 
@@ -59,7 +76,7 @@ class Stash(WeightStrategy):
         return delay
 
     def history_bytes(self) -> int:
-        return sum(b.nbytes for b in self._saved.values()) + sum(b.nbytes for b in self._free)
+        return self._held
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -76,4 +93,5 @@ class Stash(WeightStrategy):
             buf = FlatBuffer(self.params)
             buf.load_state(tensors)
             self._saved[int(v)] = buf
+        self._held = sum(b.nbytes for b in self._saved.values())
 

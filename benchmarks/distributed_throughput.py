@@ -364,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
 
         name = "distributed-dp" if args.dp_only else "distributed"
         path = ROOT / "benchmarks" / "results" / f"{name}-{_dt.date.today().isoformat()}.md"
+        n = 2
+        while path.exists():  # an earlier run of the same day stays
+            path = path.with_name(f"{name}-{_dt.date.today().isoformat()}-{n}.md")
+            n += 1
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(report)
         print(f"saved {path}", file=sys.stderr)

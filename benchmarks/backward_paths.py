@@ -1,6 +1,7 @@
 """Benchmark: the two ways a stage's backward reaches past weights, side by side in one run.
 
     .venv/bin/python benchmarks/backward_paths.py [--models mlp-ln-128,cnn1d,ln-256,ln-384,mlp-512] [--stages 8]
+    .venv/bin/python benchmarks/backward_paths.py --models gpt-32,gpt-64 --stages 6 --ticks 30
 
 "hooks": the saved-tensor hooks hand autograd the strategy's version (every stage);
 "swap": the version is copied into the parameters for the backward (every stage, whatever
@@ -34,14 +35,43 @@ def ln_mlp(width: int):
     return make
 
 
+def tiny_gpt(d_model: int):
+    def make() -> nn.Sequential:
+        from layerpipe.models import build_model
+
+        return build_model("gpt", d_model=d_model, n_head=2, n_layer=4)
+    return make
+
+
 MODELS = {"mlp-ln-128": (so.ln_mlp, 32, "mlp-ln-128"), "cnn1d": (so.cnn1d, 32, "cnn1d"),
           "ln-256": (ln_mlp(256), 32, "mlp-ln-128"), "ln-384": (ln_mlp(384), 32, "mlp-ln-128"),
-          "mlp-512": (so.wide_mlp, 64, "mlp-512")}
+          "mlp-512": (so.wide_mlp, 64, "mlp-512"),
+          # the zoo's byte-level GPT, narrow: many saved tensors per stage (attention), small weights
+          "gpt-32": (tiny_gpt(32), 2, "gpt"), "gpt-64": (tiny_gpt(64), 2, "gpt")}
+
+
+def time_gpt(make, stages: int, weights: str, ticks: int, batch: int, clock) -> float:
+    """Seconds per tick of the byte-level GPT through `Pipeline` (AdamW), windows of 128 bytes."""
+    from layerpipe import Pipeline
+    from layerpipe.data import loss_fn
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 256, (batch, 129), generator=g) for _ in range(8)]
+    pipe = Pipeline(make(), stages=stages, weights=weights, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+                    loss_fn=loss_fn("language"))
+    for i in range(2 * stages + 2):
+        pipe.step(data[i % 8][:, :-1], data[i % 8][:, 1:])
+    start = clock()
+    for i in range(ticks):
+        pipe.step(data[i % 8][:, :-1], data[i % 8][:, 1:])
+    return (clock() - start) / ticks
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="mlp-ln-128,cnn1d,ln-256,ln-384,mlp-512")
+    p.add_argument("--models", default="mlp-ln-128,cnn1d,ln-256,ln-384,mlp-512",
+                   help="comma-separated: " + ", ".join(MODELS))
     p.add_argument("--stages", type=int, default=8, help="K (capped at one layer per stage)")
     p.add_argument("--strategies", default="stash,ema")
     p.add_argument("--ticks", type=int, default=60)
@@ -50,7 +80,7 @@ def main() -> int:
     torch.set_num_threads(1)
     env = environment()
     print(f"# Backward paths: hooks vs swap (K = {args.stages})\n")
-    print(f"Command: `python benchmarks/backward_paths.py --models {args.models} --stages {args.stages}`  ")
+    print(f"Command: `python benchmarks/backward_paths.py --models {args.models} --stages {args.stages} --ticks {args.ticks} --repeats {args.repeats}`  ")
     print(f"Machine: {env.get('machine')}, {env.get('cpus')} CPUs, 1 torch thread; torch {torch.__version__}; date {env.get('date')}; commit {env.get('commit')}; "
           f"switch in the library: {stage_module.SWAP_BYTES // 1024} KiB\n")
     strategies = args.strategies.split(",")
@@ -66,7 +96,10 @@ def main() -> int:
             for weights in ["sync", *strategies]:
                 for path in ("hooks", "swap") if weights != "sync" else ("swap",):
                     stage_module.SWAP_BYTES = 0 if path == "hooks" else 1 << 40
-                    seconds, _, _ = so.time_ticks(make, data, k, weights, args.ticks, batch, time.process_time)
+                    if data == "gpt":
+                        seconds = time_gpt(make, k, weights, args.ticks, batch, time.process_time)
+                    else:
+                        seconds, _, _ = so.time_ticks(make, data, k, weights, args.ticks, batch, time.process_time)
                     times.setdefault((weights, path), []).append(seconds)
         stage_module.SWAP_BYTES = default
         from layerpipe import Pipeline

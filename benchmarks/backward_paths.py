@@ -39,7 +39,7 @@ def tiny_gpt(d_model: int):
     def make() -> nn.Sequential:
         from layerpipe.models import build_model
 
-        return build_model("gpt", d_model=d_model, n_head=2, n_layer=4)
+        return build_model("gpt", d_model=d_model, n_head=2 if d_model < 128 else 4, n_layer=4)
     return make
 
 
@@ -47,7 +47,7 @@ MODELS = {"mlp-ln-128": (so.ln_mlp, 32, "mlp-ln-128"), "cnn1d": (so.cnn1d, 32, "
           "ln-256": (ln_mlp(256), 32, "mlp-ln-128"), "ln-384": (ln_mlp(384), 32, "mlp-ln-128"),
           "mlp-512": (so.wide_mlp, 64, "mlp-512"),
           # the zoo's byte-level GPT, narrow: many saved tensors per stage (attention), small weights
-          "gpt-32": (tiny_gpt(32), 2, "gpt"), "gpt-64": (tiny_gpt(64), 2, "gpt")}
+          "gpt-32": (tiny_gpt(32), 2, "gpt"), "gpt-64": (tiny_gpt(64), 2, "gpt"), "gpt-128": (tiny_gpt(128), 4, "gpt")}
 
 
 def time_gpt(make, stages: int, weights: str, ticks: int, batch: int, clock) -> float:

@@ -297,7 +297,7 @@ def seq_reference(model, delays, batches, autocast):
 
 @pytest.mark.parametrize("mode", ["nonreentrant", "reentrant"])
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), (None, None)])
-def test_checkpoint_and_autocast_stash_equals_delayed_reference(precision, dtype, mode):
+def test_checkpoint_and_autocast_stash_equals_delayed_reference(precision, dtype, mode, backward_path):
     batches = ckpt_batches()
     model = make_ckpt_model(mode)
     init = copy.deepcopy(model)
@@ -309,7 +309,7 @@ def test_checkpoint_and_autocast_stash_equals_delayed_reference(precision, dtype
     assert max_diff(latest.model, model) > 1e-4
 
 
-def test_autocast_without_checkpoint_stash_equals_reference_and_ema_uses_its_reconstruction():
+def test_autocast_without_checkpoint_stash_equals_reference_and_ema_uses_its_reconstruction(backward_path):
     batches = ckpt_batches()
     got = {}
     for w in ("stash", "ema", "latest"):

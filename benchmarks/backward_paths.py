@@ -82,7 +82,7 @@ def main() -> int:
     print(f"# Backward paths: hooks vs swap (K = {args.stages})\n")
     print(f"Command: `python benchmarks/backward_paths.py --models {args.models} --stages {args.stages} --ticks {args.ticks} --repeats {args.repeats}`  ")
     print(f"Machine: {env.get('machine')}, {env.get('cpus')} CPUs, 1 torch thread; torch {torch.__version__}; date {env.get('date')}; commit {env.get('commit')}; "
-          f"switch in the library: {stage_module.SWAP_BYTES // 1024} KiB\n")
+          f"switch in the library: {stage_module.SWAP_BYTES // 1024} KiB, x4 for ema (`swap_scale`)\n")
     strategies = args.strategies.split(",")
     print("| model | largest stage | sync ms/tick | " + " | ".join(f"{s} hooks | {s} swap" for s in strategies) + " |")
     print("|---|---|---|" + "---|---|" * len(strategies))

@@ -16,7 +16,8 @@ A strategy whose backward reads the live weights (`latest`) needs none of this: 
 runs the forward without hooks and sets its parameters' autograd version counters back after
 each optimizer step, so autograd accepts the updated live weights in the later backward.
 
-A small stage (at most `SWAP_BYTES` of weights) skips the hooks too, whatever its strategy:
+A small stage (at most `SWAP_BYTES` of weights, times the strategy's `swap_scale`: 4 for `ema`)
+skips the hooks too, whatever its strategy:
 the hooks cost a Python call per saved tensor at pack and at unpack, more than copying a
 few kilobytes of weights. Its updates are hidden from autograd as above, and its backward
 copies the chosen version into the parameters' own storage (the live weights wait in a
@@ -191,7 +192,8 @@ class Stage:
         weight_bytes = sum(p.numel() * p.element_size() for p in self.params)
         #: a backward on a past version copies it into the parameters (module docstring)
         self.swaps = (bool(self.params) and not live and set_versions is not None and self.delay > 0 and self._autocast is None
-                      and not self._foreign and not self._owned_tied and weight_bytes <= SWAP_BYTES)
+                      and not self._foreign and not self._owned_tied
+                      and weight_bytes <= SWAP_BYTES * self.strategy.swap_scale)
         self._swap_buffer: FlatBuffer | None = None  # the live weights during such a backward
         self._live_versions: tuple[int, ...] = ()
         self._buffer_is_live = False  # the swap buffer holds the live weights (no update since)

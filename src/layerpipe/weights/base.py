@@ -31,6 +31,10 @@ class WeightStrategy:
     #: True when `backward_weights` always returns the live weights (`params`): the engine
     #: then keeps no reference per saved parameter (cheaper saved-tensor hooks)
     live_backward: ClassVar[bool] = False
+    #: how many times the engine's `SWAP_BYTES` a stage may hold and still copy its version
+    #: into the parameters for the backward instead of using the saved-tensor hooks (where
+    #: writing the version in place costs less, measured by benchmarks/backward_paths.py)
+    swap_scale: ClassVar[int] = 1
 
     def __init__(self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.params = [p.detach() for p in params]  # detached aliases: see in-place updates, no autograd

@@ -16,10 +16,9 @@ A strategy whose backward reads the live weights (`latest`) needs none of this: 
 runs the forward without hooks and sets its parameters' autograd version counters back after
 each optimizer step, so autograd accepts the updated live weights in the later backward.
 
-A small stage (at most `SWAP_BYTES` of weights, times the strategy's `swap_scale`: 4 for `ema`)
-skips the hooks too, whatever its strategy:
-the hooks cost a Python call per saved tensor at pack and at unpack, more than copying a
-few kilobytes of weights. Its updates are hidden from autograd as above, and its backward
+A small stage (at most `SWAP_BYTES` of weights, times the strategy's `swap_scale`: 4 for
+`ema`) skips the hooks too, whatever its strategy: the hooks cost a Python call per saved
+tensor at pack and at unpack, more than copying a few kilobytes of weights. Its updates are hidden from autograd as above, and its backward
 copies the chosen version into the parameters' own storage (the live weights wait in a
 buffer of the stage's size and come back after), so what autograd saved, views included,
 reads that version. Not with autocast (the cast copy holds the forward's weights), tied
@@ -387,6 +386,7 @@ class Stage:
         self._live_versions = tuple(w._version for w in live)
         self._swap_buffer.copy_from(live)
         if not self.strategy.write_backward_weights(version):
+            self._buffer_is_live = True  # the live version itself: nothing to put back
             return False
         assert set_versions is not None  # `swaps` needs it
         set_versions(tuple(live), self._live_versions)

@@ -147,6 +147,29 @@ def test_pipemare_matches_reference(power, anneal):
     assert sgd.param_groups[0]["lr"] == lr  # restored: an outer schedule still owns it
 
 
+@pytest.mark.parametrize("delay, max_delay", [(2, 3), (0, 3), (0, 0)])
+def test_pipemare_pipeline_lr_scales_every_stage_of_a_pipelined_run_only(delay, max_delay):
+    shapes = [(3,)]
+    params, grads = _params(shapes), _grads(shapes, 8)
+    ref = params[0].detach().clone()
+    lr, warmup, factor = 0.2, 3, 0.75
+    opt = make_compensation("pipemare", params, delay, torch.optim.SGD(params, lr=lr), max_delay=max_delay,
+                            anneal="never", warmup=warmup, pipeline_lr=factor)
+    _run(opt, params, grads)
+    for t, gs in enumerate(grads):
+        f = factor if max_delay > 0 else 1.0  # a synchronous run (every delay 0) keeps its lr
+        ref = ref - lr * min(1.0, (t + 1) / warmup) * max(1, delay) ** -1.0 * f * gs[0]
+    torch.testing.assert_close(params[0].detach(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_pipemare_pipeline_lr_needs_the_pipeline_and_a_sane_factor():
+    params = _params([(3,)])
+    with pytest.raises(LayerpipeError, match="pipeline_lr needs the pipeline's largest delay"):
+        make_compensation("pipemare", params, 2, torch.optim.SGD(params, lr=0.1), pipeline_lr=0.5)
+    with pytest.raises(LayerpipeError, match="pipeline_lr must be a factor"):
+        make_compensation("pipemare", params, 2, torch.optim.SGD(params, lr=0.1), max_delay=2, pipeline_lr=0)
+
+
 def test_pipemare_rejects_a_bad_anneal():
     params = _params([(3,)])
     for bad in ("sometimes", -5):

@@ -8,8 +8,11 @@ optimizer's learning rate is multiplied by
 so a stage with delay d_k starts at lr / d_k ** power (power 1: PipeMare's lr / d_k) and
 reaches the full lr after `anneal` ticks (Yang et al., PipeMare, 2021); `anneal=never` keeps
 lr / d_k ** power for the whole run (what the transformer recipe measured best: the longer the
-scaling lasted, the lower the pipelined loss). The group's lr is restored after the step, so
-any outer schedule that sets it keeps working. No memory.
+scaling lasted, the lower the pipelined loss). `pipeline_lr=f` multiplies the lr of every
+stage, the undelayed ones included, by f when the pipeline has any delay (a synchronous run,
+all delays 0, keeps its own lr): a pipelined run wants a lower lr than the synchronous best
+(the transformer: 0.75x). The group's lr is restored after the step, so any outer schedule
+that sets it keeps working. No memory.
 """
 from __future__ import annotations
 
@@ -41,17 +44,23 @@ class PipeMare(Compensation):
 
     def __init__(
         self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer, *, anneal: int | str = 500,
-        warmup: int = 100, power: float = 1.0,
+        warmup: int = 100, power: float = 1.0, pipeline_lr: float = 1.0, max_delay: int | None = None,
     ) -> None:
         super().__init__(params, delay, optimizer)
         if anneal != "never" and (not isinstance(anneal, (int, float)) or anneal < 0):
             raise ValueError(f"anneal must be a number of ticks >= 0 or 'never', got {anneal!r}")
+        if not isinstance(pipeline_lr, (int, float)) or not 0 < pipeline_lr <= 10:
+            raise ValueError(f"pipeline_lr must be a factor in (0, 10], got {pipeline_lr!r}")
+        if pipeline_lr != 1.0 and max_delay is None:
+            raise ValueError("pipeline_lr needs the pipeline's largest delay (build it through the pipeline)")
         self.anneal = None if anneal == "never" else int(anneal)
         self.warmup, self.power = int(warmup), float(power)
+        #: the factor on every stage of a pipeline with delays (1 in a synchronous run)
+        self.pipeline_factor = float(pipeline_lr) if (max_delay or 0) > 0 else 1.0
         self.ticks = 0
 
     def step(self, closure=None) -> None:
-        scale = pipemare_scale(self.ticks, self.delay, self.anneal, self.warmup, self.power)
+        scale = pipemare_scale(self.ticks, self.delay, self.anneal, self.warmup, self.power) * self.pipeline_factor
         saved = [g["lr"] for g in self.param_groups]
         for g in self.param_groups:
             g["lr"] = g["lr"] * scale

@@ -35,7 +35,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # recipe, synchronous and pipelined (docs/results.md, "Transformer")
     "gpt": dict(epochs=2, batch_size=4, optimizer="adamw", lr=1.6e-2, threads=0, lr_schedule="cosine-step",
                 schedule="pipedream",
-                compensation=["muon:momentum=0.9,delayed_momentum=depth", "pipemare:anneal=never,warmup=30"]),
+                compensation=["muon:momentum=0.9,delayed_momentum=depth",
+                              "pipemare:anneal=never,warmup=30,pipeline_lr=0.75"]),
 }
 _FALLBACK_RECIPE = dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3, threads=0)
 #: settings every recipe has unless it says otherwise

@@ -18,10 +18,10 @@ each optimizer step, so autograd accepts the updated live weights in the later b
 
 A small stage (at most `SWAP_BYTES` of weights, times the strategy's `swap_scale`: 4 for
 `ema`) skips the hooks too, whatever its strategy: the hooks cost a Python call per saved
-tensor at pack and at unpack, more than copying a few kilobytes of weights. Its updates are hidden from autograd as above, and its backward
-copies the chosen version into the parameters' own storage (the live weights wait in a
-buffer of the stage's size and come back after), so what autograd saved, views included,
-reads that version. Not with autocast (the cast copy holds the forward's weights), tied
+tensor at pack and at unpack, more than copying a few kilobytes of weights. Its updates are
+hidden from autograd as above, and its backward copies the chosen version into the
+parameters' own storage (the live weights wait in a buffer of the stage's size and come
+back after), so what autograd saved, views included, reads that version. Not with autocast (the cast copy holds the forward's weights), tied
 parameters or a compensation's forward context: those keep the hooks.
 
 Two other forms a weight takes before autograd saves it are handled the same way:
@@ -182,7 +182,7 @@ class Stage:
         self._param_dtypes = {p.dtype for p in self.params}
         # what the parameters point at again after a backward on another version (made once:
         # `p.data` makes a new tensor object per call)
-        self._live_data = [p.detach() for p in self.params]
+        self._live_data = tuple(p.detach() for p in self.params)
         # a backward on the live weights (`latest`) needs no reference per saved parameter,
         # only that autograd accept the optimizer's in-place update (not a cast copy: it holds
         # the forward's weights)
@@ -389,7 +389,7 @@ class Stage:
             self._buffer_is_live = True  # the live version itself: nothing to put back
             return False
         assert set_versions is not None  # `swaps` needs it
-        set_versions(tuple(live), self._live_versions)
+        set_versions(live, self._live_versions)
         return True
 
     def _swap_out(self) -> None:
@@ -398,7 +398,7 @@ class Stage:
         live = self._live_data
         torch._foreach_copy_(live, self._swap_buffer.views)
         assert set_versions is not None
-        set_versions(tuple(live), self._live_versions)
+        set_versions(live, self._live_versions)
         self._buffer_is_live = True  # until the next update
 
     def _exchange_tied(self, mb: int, saved: list[Tensor | None]) -> None:

@@ -30,7 +30,8 @@ class Stash(WeightStrategy):
         self._pending: Counter[int] = Counter()  # version -> backwards still to run
         self._saved: dict[int, FlatBuffer] = {}
         self._free: list[FlatBuffer] = []
-        self._held = 0  # bytes of the buffers in `_saved` and `_free` (read every tick)
+        # every buffer mirrors `params`: the history is a count of buffers (read every tick)
+        self._buffer_bytes = sum(p.numel() * p.element_size() for p in self.params)
 
     def record_forward(self) -> int:
         self._pending[self.version] += 1
@@ -54,20 +55,11 @@ class Stash(WeightStrategy):
         if self._pending.get(self.version, 0) <= 0 or self.version in self._saved:
             return None
         self._saved[self.version] = copy
-        self._held += copy.nbytes
-        if not self._free:
-            return FlatBuffer(self.params)
-        lent = self._free.pop()
-        self._held -= lent.nbytes
-        return lent
+        return self._free.pop() if self._free else FlatBuffer(self.params)
 
     def before_update(self) -> None:
         if self._pending.get(self.version, 0) > 0 and self.version not in self._saved:
-            if self._free:
-                buf = self._free.pop()
-            else:
-                buf = FlatBuffer(self.params)
-                self._held += buf.nbytes
+            buf = self._free.pop() if self._free else FlatBuffer(self.params)
             buf.copy_from(self.params)
             self._saved[self.version] = buf
 
@@ -76,7 +68,7 @@ class Stash(WeightStrategy):
         return delay
 
     def history_bytes(self) -> int:
-        return self._held
+        return (len(self._saved) + len(self._free)) * self._buffer_bytes
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -93,5 +85,4 @@ class Stash(WeightStrategy):
             buf = FlatBuffer(self.params)
             buf.load_state(tensors)
             self._saved[int(v)] = buf
-        self._held = sum(b.nbytes for b in self._saved.values())
 

@@ -40,6 +40,8 @@ CLI_CASES = [
      "delayed_momentum must be"),
     ("compensation-max-delay", TRAIN + ["--run-dir", "{tmp}", "--compensation", "muon:max_delay=3"],
      "max_delay is the pipeline's largest delay"),
+    ("compensation-pipeline-lr", TRAIN + ["--run-dir", "{tmp}", "--compensation", "pipemare:pipeline_lr=0"],
+     "pipeline_lr must be a factor"),
     ("sync-warmup-negative", TRAIN + ["--sync-warmup", "-1"], "--sync-warmup must be >= 0"),
     ("lr-schedule-unknown", TRAIN + ["--lr-schedule", "weekly"], "invalid choice"),
     ("lr-nan", TRAIN + ["--lr", "nan"], "--lr must be a positive number"),

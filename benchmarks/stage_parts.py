@@ -1,0 +1,93 @@
+"""Where a tick of the single-process engine goes, per stage method (wall time, 1 thread).
+
+    .venv/bin/python benchmarks/stage_parts.py [--weights latest,stash,ema] [--stages 8] [--ticks 800]
+
+The small LayerNorm MLP of `strategy_overhead.py --models mlp-ln-128` through `Pipeline`; each
+`Stage` method and each strategy hook is wrapped with a timer (about 0.5 us per call added),
+so the table shows what the engine spends on forward, backward, swap-in/out and the update
+next to the strategy's own bookkeeping, in microseconds per tick and per call.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from strategy_overhead import batch_for, ln_mlp  # noqa: E402
+
+import layerpipe.engine.stage as stage_module  # noqa: E402
+from layerpipe import Pipeline  # noqa: E402
+from layerpipe.report.records import environment  # noqa: E402
+from layerpipe.weights.ema import UpdateEMA  # noqa: E402
+from layerpipe.weights.stash import Stash  # noqa: E402
+
+STAGE_METHODS = ["forward", "backward", "update", "_swap_in", "_swap_out", "_step_hidden"]
+STRATEGY_METHODS = ["record_forward", "release", "take_live_copy", "before_update", "after_update",
+                    "write_backward_weights", "history_bytes"]
+
+
+def instrument(totals: collections.Counter, calls: collections.Counter) -> None:
+    def wrap(cls: type, name: str) -> None:
+        f = getattr(cls, name)
+        key = f"{cls.__name__}.{name}"
+
+        @functools.wraps(f)
+        def timed(*a, **k):
+            t = time.perf_counter_ns()
+            try:
+                return f(*a, **k)
+            finally:
+                totals[key] += time.perf_counter_ns() - t
+                calls[key] += 1
+        setattr(cls, name, timed)
+
+    for n in STAGE_METHODS:
+        wrap(stage_module.Stage, n)
+    for n in STRATEGY_METHODS:
+        wrap(Stash, n)
+        wrap(UpdateEMA, n)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="latest,stash,ema")
+    p.add_argument("--stages", type=int, default=8)
+    p.add_argument("--ticks", type=int, default=800)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    totals: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    instrument(totals, calls)
+    env = environment()
+    print(f"Command: `python benchmarks/stage_parts.py --weights {args.weights} --stages {args.stages} --ticks {args.ticks}`  ")
+    print(f"Machine: {env['machine']}, {env['cpus']} CPUs, 1 torch thread; torch {env['torch']}; date {env['date']}; "
+          f"commit {env['commit']}\n")
+    data = [batch_for("mlp-ln-128", 32) for _ in range(8)]
+    for weights in args.weights.split(","):
+        torch.manual_seed(0)
+        pipe = Pipeline(ln_mlp(), stages=args.stages, weights=weights,
+                        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9), loss_fn=F.cross_entropy)
+        for i in range(30):
+            pipe.step(*data[i % 8])
+        totals.clear()
+        calls.clear()
+        start = time.perf_counter()
+        for i in range(args.ticks):
+            pipe.step(*data[i % 8])
+        print(f"| {weights}: {(time.perf_counter() - start) / args.ticks * 1e3:.2f} ms per tick | us per tick | us per call |")
+        print("|---|---:|---:|")
+        for key, ns in sorted(totals.items(), key=lambda kv: -kv[1]):
+            print(f"| {key} | {ns / args.ticks / 1e3:.1f} | {ns / calls[key] / 1e3:.1f} |")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

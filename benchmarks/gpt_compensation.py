@@ -61,6 +61,8 @@ def run(args) -> dict:
     stages = None if args.stages == "all" else int(args.stages)
     spec = sequential_spec(model, stages, args.schedule)
     delays = [0] * spec.num_stages if args.weights == "sync" else list(spec.delays)  # sync: no delay anywhere
+    if args.optimizer_delays == "pipeline":  # diagnosis: the pipelined run's optimizers, whatever the weights
+        delays = list(spec.delays)
     specs = [parse_spec(s) for s in args.comp]
     base = lambda ps: torch.optim.AdamW(ps, lr=args.lr, weight_decay=args.weight_decay)  # noqa: E731
     pipe = Pipeline(model, stages=stages, weights=args.weights, optimizer=pipeline_optimizer(delays, specs, base),
@@ -94,6 +96,7 @@ def run(args) -> dict:
         "stages": args.stages,
         "delays": pipe.delays,
         "schedule": args.schedule,
+        "optimizer_delays": args.optimizer_delays,
         "comp": args.comp,
         "lr": args.lr,
         "warmup": args.warmup,
@@ -116,6 +119,9 @@ def main() -> int:
     p.add_argument("--weights", default="ema", help="sync, stash, ema, latest")
     p.add_argument("--stages", default="4", help="an int, or 'all' (one block per stage)")
     p.add_argument("--schedule", default="layerpipe", choices=("layerpipe", "pipedream"), help="delays 2 S(k) or S(k)")
+    p.add_argument("--optimizer-delays", default="own", choices=("own", "pipeline"),
+                   help="own: optimizers built for the run's delays (sync: none); pipeline: for the pipelined "
+                        "delays even under --weights sync (the recipe's per-stage lr and momentum without staleness)")
     p.add_argument("--comp", action="append", default=[], help="technique[:k=v,...]; repeatable")
     p.add_argument("--lr", type=float, default=1e-3, help="lr of the base AdamW (optimizer techniques take their own)")
     p.add_argument("--weight-decay", type=float, default=0.01)

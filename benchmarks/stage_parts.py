@@ -1,8 +1,8 @@
 """Where a tick of the single-process engine goes, per stage method (wall time, 1 thread).
 
-    .venv/bin/python benchmarks/stage_parts.py [--weights latest,stash,ema] [--stages 8] [--ticks 800]
+    .venv/bin/python benchmarks/stage_parts.py [--model mlp-ln-128] [--weights latest,stash,ema] [--stages 8] [--ticks 800]
 
-The small LayerNorm MLP of `strategy_overhead.py --models mlp-ln-128` through `Pipeline`; each
+A model of `strategy_overhead.py` (default its small LayerNorm MLP) through `Pipeline`; each
 `Stage` method and each strategy hook is wrapped with a timer (about 0.5 us per call added),
 so the table shows what the engine spends on forward, backward, swap-in/out and the update
 next to the strategy's own bookkeeping, in microseconds per tick and per call.
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from strategy_overhead import batch_for, ln_mlp  # noqa: E402
+from strategy_overhead import MODELS, batch_for  # noqa: E402
 
 import layerpipe.engine.stage as stage_module  # noqa: E402
 from layerpipe import Pipeline  # noqa: E402
@@ -29,7 +29,7 @@ from layerpipe.weights.ema import UpdateEMA  # noqa: E402
 from layerpipe.weights.stash import Stash  # noqa: E402
 
 STAGE_METHODS = ["forward", "backward", "update", "_swap_in", "_swap_out", "_step_hidden"]
-STRATEGY_METHODS = ["record_forward", "release", "take_live_copy", "before_update", "after_update",
+STRATEGY_METHODS = ["record_forward", "backward_weights", "release", "take_live_copy", "before_update", "after_update",
                     "write_backward_weights", "history_bytes"]
 
 
@@ -57,6 +57,7 @@ def instrument(totals: collections.Counter, calls: collections.Counter) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mlp-ln-128", choices=sorted(MODELS))
     p.add_argument("--weights", default="latest,stash,ema")
     p.add_argument("--stages", type=int, default=8)
     p.add_argument("--ticks", type=int, default=800)
@@ -66,13 +67,14 @@ def main() -> int:
     calls: collections.Counter = collections.Counter()
     instrument(totals, calls)
     env = environment()
-    print(f"Command: `python benchmarks/stage_parts.py --weights {args.weights} --stages {args.stages} --ticks {args.ticks}`  ")
+    make_model, batch = MODELS[args.model]
+    print(f"Command: `python benchmarks/stage_parts.py --model {args.model} --weights {args.weights} --stages {args.stages} --ticks {args.ticks}`  ")
     print(f"Machine: {env['machine']}, {env['cpus']} CPUs, 1 torch thread; torch {env['torch']}; date {env['date']}; "
           f"commit {env['commit']}\n")
-    data = [batch_for("mlp-ln-128", 32) for _ in range(8)]
+    data = [batch_for(args.model, batch) for _ in range(8)]
     for weights in args.weights.split(","):
         torch.manual_seed(0)
-        pipe = Pipeline(ln_mlp(), stages=args.stages, weights=weights,
+        pipe = Pipeline(make_model(), stages=args.stages, weights=weights,
                         optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9), loss_fn=F.cross_entropy)
         for i in range(30):
             pipe.step(*data[i % 8])

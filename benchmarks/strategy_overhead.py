@@ -57,6 +57,10 @@ def cnn1d() -> nn.Sequential:
     return build_model("cnn1d")
 
 
+#: name: (builder, batch size)
+MODELS = {"cnn1d": (cnn1d, 32), "mlp-512": (wide_mlp, 64), "mlp-ln-128": (ln_mlp, 32)}
+
+
 def batch_for(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     if name == "mlp-512":
         return torch.randn(n, 256), torch.randint(0, 10, (n,))
@@ -120,7 +124,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     env = environment()
     clock = CLOCKS[args.clock]
-    models = {n: m for n, m in {"cnn1d": (cnn1d, 32), "mlp-512": (wide_mlp, 64), "mlp-ln-128": (ln_mlp, 32)}.items() if n in args.models.split(",")}
+    models = {n: m for n, m in MODELS.items() if n in args.models.split(",")}
     lines = [
         "# Weight-strategy overhead: time per tick vs sync (and plain PyTorch), weight history vs |W|",
         "",

@@ -162,6 +162,37 @@ def test_pipemare_pipeline_lr_scales_every_stage_of_a_pipelined_run_only(delay, 
     torch.testing.assert_close(params[0].detach(), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_pipemare_scale_adamw_false_leaves_the_adamw_part_out_of_the_delay_factor():
+    # two SGD groups, one tagged as muon tags its AdamW part: only the other gets lr / d
+    from layerpipe.compensate.muon import ADAMW_PART
+
+    shapes = [(3,), (2,)]
+    params, grads = _params(shapes), _grads(shapes, 6)
+    refs = [p.detach().clone() for p in params]
+    lr, delay, warmup, factor = 0.2, 3, 2, 0.75
+    sgd = torch.optim.SGD([{"params": [params[0]]}, {"params": [params[1]], "part": ADAMW_PART}], lr=lr)
+    opt = make_compensation("pipemare", params, delay, sgd, max_delay=delay, anneal="never", warmup=warmup,
+                            pipeline_lr=factor, scale_adamw=False)
+    _run(opt, params, grads)
+    for t, gs in enumerate(grads):
+        warm = min(1.0, (t + 1) / warmup)
+        refs[0] = refs[0] - lr * warm * factor / delay * gs[0]
+        refs[1] = refs[1] - lr * warm * factor * gs[1]
+    for p, ref in zip(params, refs):
+        torch.testing.assert_close(p.detach(), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(LayerpipeError, match="scale_adamw must be True or False"):
+        make_compensation("pipemare", params, delay, sgd, scale_adamw="no")
+
+
+def test_muon_tags_its_adamw_part():
+    from layerpipe.compensate.muon import ADAMW_PART
+
+    params = _params([(4, 4), (4,)])
+    opt = make_compensation("muon", params, 1)
+    parts = [g.get("part") for g in opt.param_groups]
+    assert parts == [None, ADAMW_PART]
+
+
 def test_pipemare_pipeline_lr_needs_the_pipeline_and_a_sane_factor():
     params = _params([(3,)])
     with pytest.raises(LayerpipeError, match="pipeline_lr needs the pipeline's largest delay"):

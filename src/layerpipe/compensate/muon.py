@@ -37,6 +37,10 @@ from layerpipe.compensate.registry import register
 from layerpipe.errors import LayerpipeError
 
 
+#: the `part` of the AdamW param groups (vectors, embeddings, the output layer), for wrappers
+#: that treat them apart (`pipemare:scale_adamw=False`)
+ADAMW_PART = "adamw"
+
 #: set (True) on the matrices Muon leaves to AdamW: input embeddings, the output layer
 IO_MATRIX_ATTR = "_layerpipe_io_matrix"
 
@@ -133,6 +137,7 @@ class MuonAdamW:
         if self.adamw is not None:  # the training loop's set_lr keeps this ratio to Muon's lr
             for group in self.adamw.param_groups:
                 group["lr_scale"] = adamw_lr_scale
+                group["part"] = ADAMW_PART
         if ns_dtype not in ("auto", "float32", "bfloat16"):
             raise LayerpipeError(f"muon: ns_dtype must be auto, float32 or bfloat16, got {ns_dtype!r}")
         on_cpu = all(p.device.type == "cpu" for p in matrices)

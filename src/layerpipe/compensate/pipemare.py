@@ -11,7 +11,9 @@ lr / d_k ** power for the whole run (what the transformer recipe measured best: 
 scaling lasted, the lower the pipelined loss). `pipeline_lr=f` multiplies the lr of every
 stage, the undelayed ones included, by f when the pipeline has any delay (a synchronous run,
 all delays 0, keeps its own lr): a pipelined run wants a lower lr than the synchronous best
-(the transformer: 0.75x). The group's lr is restored after the step, so any outer schedule
+(the transformer: 0.75x). `scale_adamw=False` leaves the AdamW part of `muon` (its vectors,
+embeddings and output matrix) out of the per-delay factor (warm-up and `pipeline_lr` still
+apply): the diagnosis found an embedding's delay nearly harmless. The group's lr is restored after the step, so any outer schedule
 that sets it keeps working. No memory.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 from layerpipe.compensate.base import Compensation
+from layerpipe.compensate.muon import ADAMW_PART
 from layerpipe.compensate.registry import register
 
 
@@ -44,7 +47,8 @@ class PipeMare(Compensation):
 
     def __init__(
         self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer, *, anneal: int | str = 500,
-        warmup: int = 100, power: float = 1.0, pipeline_lr: float = 1.0, max_delay: int | None = None,
+        warmup: int = 100, power: float = 1.0, pipeline_lr: float = 1.0, scale_adamw: bool = True,
+        max_delay: int | None = None,
     ) -> None:
         super().__init__(params, delay, optimizer)
         if anneal != "never" and (not isinstance(anneal, (int, float)) or anneal < 0):
@@ -53,6 +57,9 @@ class PipeMare(Compensation):
             raise ValueError(f"pipeline_lr must be a factor in (0, 10], got {pipeline_lr!r}")
         if pipeline_lr != 1.0 and max_delay is None:
             raise ValueError("pipeline_lr needs the pipeline's largest delay (build it through the pipeline)")
+        if not isinstance(scale_adamw, bool):
+            raise ValueError(f"scale_adamw must be True or False, got {scale_adamw!r}")
+        self.scale_adamw = scale_adamw
         self.anneal = None if anneal == "never" else int(anneal)
         self.warmup, self.power = int(warmup), float(power)
         #: the factor on every stage of a pipeline with delays (1 in a synchronous run)
@@ -61,9 +68,11 @@ class PipeMare(Compensation):
 
     def step(self, closure=None) -> None:
         scale = pipemare_scale(self.ticks, self.delay, self.anneal, self.warmup, self.power) * self.pipeline_factor
+        # without the per-delay factor: warm-up and the pipeline's factor only
+        unscaled = pipemare_scale(self.ticks, 0, None, self.warmup) * self.pipeline_factor
         saved = [g["lr"] for g in self.param_groups]
         for g in self.param_groups:
-            g["lr"] = g["lr"] * scale
+            g["lr"] = g["lr"] * (unscaled if not self.scale_adamw and g.get("part") == ADAMW_PART else scale)
         try:
             self.optimizer.step()
         finally:

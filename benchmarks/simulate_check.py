@@ -7,8 +7,8 @@
 1. Measures each stage of the benchmark's model (MLP 256 -> 1024 x 8 -> 10, split as the
    runtime splits it, microbatch 128, fused SGD momentum) alone on one thread in this process:
    forward, whole backward and its weight-gradient part, optimizer step, the extra work of
-   the weight strategy per update (stash: copying the stage's weights into a flat buffer,
-   on stages with d_k > 0; ema: an EMA update plus a reconstruction, two foreach passes),
+   the weight strategy per update (the library's own `stash` and `ema` objects, timed around
+   an update without the optimizer step: `strategy_update`), on stages with d_k > 0,
    and the boundary copy (a lower bound for the gloo transfer).
 2. Feeds them to the simulator: `layerpipe` schedule with an update per microbatch, one
    epoch of 48 microbatches from an empty pipeline to the drained end (what the benchmark's
@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -89,17 +90,33 @@ def measure(width: int, layers: int, batch: int, repeats: int):
     costs.meta["plain_seconds"] = _median(plain, repeats)
     extra = {"stash": [], "ema": []}
     for s in slices:
-        ps = [p.detach() for p in s.parameters()]
-        buf = [torch.empty_like(p) for p in ps]
-        u = [torch.zeros_like(p) for p in ps]
-        extra["stash"].append(_median(lambda: torch._foreach_copy_(buf, ps), repeats))
-
-        def ema() -> None:
-            torch._foreach_lerp_(u, ps, 0.5)   # u <- EMA of the applied update (one pass)
-            torch._foreach_add(ps, u, alpha=-2.0)  # W_then = W_now - n u (one pass, new tensors)
-
-        extra["ema"].append(_median(ema, repeats))
+        for name in extra:
+            extra[name].append(_median(strategy_update(name, list(s.parameters())), repeats))
     return costs, extra
+
+
+def strategy_update(name: str, params: list) -> Callable[[], None]:
+    """One update's bookkeeping of the library's own weight strategy `name` on a stage with
+    delay 2, without the optimizer step: record a forward, wrap the step, give the backward
+    its weights and release them (stash: a copy into a reused buffer; ema: the EMA pass and the
+    reconstruction into the reused scratch block), what the runtime adds per update."""
+    from layerpipe.weights import strategy_class
+
+    strategy = strategy_class(name)(params, 2)
+    for _ in range(3):  # past the start (ema's first update only initialises its average)
+        version = strategy.record_forward()
+        strategy.before_update()
+        strategy.after_update()
+        strategy.release(version)
+
+    def one() -> None:
+        version = strategy.record_forward()
+        strategy.before_update()
+        strategy.after_update()
+        strategy.backward_weights(version)
+        strategy.release(version)
+
+    return one
 
 
 def recorded(path: Path) -> dict[str, dict[str, float]]:

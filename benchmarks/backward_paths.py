@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/backward_paths.py [--models mlp-ln-128,cnn1d,ln-256,ln-384,mlp-512] [--stages 8]
     .venv/bin/python benchmarks/backward_paths.py --models gpt-32,gpt-64 --stages 6 --ticks 30
 
-"hooks": the saved-tensor hooks hand autograd the strategy's version (every stage);
-"swap": the version is copied into the parameters for the backward (every stage, whatever
-its size: `SWAP_BYTES` raised for the run). The library picks swap for stages of at most
-`layerpipe.engine.stage.SWAP_BYTES` bytes; this measures where the switch belongs. Per-tick
-CPU time (1 thread), median of interleaved rounds, relative to `sync`.
+"hooks": the saved-tensor hooks hand autograd the strategy's version (every stage; what a
+torch without `UntypedStorage._swap_data_ptr_` runs, and autocast or tied parameters);
+"swap": the version's storage is swapped into the parameters for the backward (the
+library's default where it can). Per-tick CPU time (1 thread), median of interleaved rounds,
+relative to `sync`.
 """
 from __future__ import annotations
 
@@ -82,11 +82,11 @@ def main() -> int:
     print(f"# Backward paths: hooks vs swap (K = {args.stages})\n")
     print(f"Command: `python benchmarks/backward_paths.py --models {args.models} --stages {args.stages} --ticks {args.ticks} --repeats {args.repeats}`  ")
     print(f"Machine: {env.get('machine')}, {env.get('cpus')} CPUs, 1 torch thread; torch {torch.__version__}; date {env.get('date')}; commit {env.get('commit')}; "
-          f"switch in the library: {stage_module.SWAP_BYTES // 1024} KiB, x4 for ema (`swap_scale`)\n")
+          f"storage swap available: {stage_module.swap_storages is not None}\n")
     strategies = args.strategies.split(",")
     print("| model | largest stage | sync ms/tick | " + " | ".join(f"{s} hooks | {s} swap" for s in strategies) + " |")
     print("|---|---|---|" + "---|---|" * len(strategies))
-    default = stage_module.SWAP_BYTES
+    default = stage_module.swap_storages
     for name in args.models.split(","):
         make, batch, data = MODELS[name]
         model = make()
@@ -95,13 +95,13 @@ def main() -> int:
         for _ in range(args.repeats):
             for weights in ["sync", *strategies]:
                 for path in ("hooks", "swap") if weights != "sync" else ("swap",):
-                    stage_module.SWAP_BYTES = 0 if path == "hooks" else 1 << 40
+                    stage_module.swap_storages = None if path == "hooks" else default
                     if data == "gpt":
                         seconds = time_gpt(make, k, weights, args.ticks, batch, time.process_time)
                     else:
                         seconds, _, _ = so.time_ticks(make, data, k, weights, args.ticks, batch, time.process_time)
                     times.setdefault((weights, path), []).append(seconds)
-        stage_module.SWAP_BYTES = default
+        stage_module.swap_storages = default
         from layerpipe import Pipeline
 
         pipe = Pipeline(make(), stages=k, weights="stash", optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01))

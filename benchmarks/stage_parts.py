@@ -28,9 +28,8 @@ from layerpipe.report.records import environment  # noqa: E402
 from layerpipe.weights.ema import UpdateEMA  # noqa: E402
 from layerpipe.weights.stash import Stash  # noqa: E402
 
-STAGE_METHODS = ["forward", "backward", "update", "_swap_in", "_swap_out", "_step_hidden"]
-STRATEGY_METHODS = ["record_forward", "backward_weights", "release", "take_live_copy", "before_update", "after_update",
-                    "write_backward_weights", "history_bytes"]
+STAGE_METHODS = ["forward", "backward", "update", "_backward_swapped", "_backward_hooked", "_step_hidden"]
+STRATEGY_METHODS = ["record_forward", "backward_weights", "release", "before_update", "after_update", "history_bytes"]
 
 
 def instrument(totals: collections.Counter, calls: collections.Counter) -> None:

@@ -99,21 +99,25 @@ def test_stage_without_parameters(name):
     assert pipe.stages[1].strategy.history_bytes() == 0
 
 
-def test_scratch_pool_reuses_one_block_across_stage_sizes():
-    """The ema rebuild's scratch: a block given back is lent again, to a smaller stage too;
-    a larger stage replaces it; mixed dtypes and stages under FRESH_BYTES get no block (the
-    strategy then allocates)."""
+def test_scratch_pool_lends_one_tensor_per_parameter_and_reuses_them():
+    """The ema rebuild's scratch: one tensor per parameter, each owning its storage (the engine
+    swaps it into the parameter), lent again by shape once given back; the pool keeps at most
+    twice the largest set lent at once; tensors under FRESH_BYTES are not lent (a fresh
+    allocation is cheaper)."""
+    from layerpipe.engine.saved import owns_storage
     from layerpipe.weights.flat import FRESH_BYTES, ScratchPool
 
     pool = ScratchPool()
-    big, small = [torch.zeros(400, 100), torch.zeros(300)], [torch.zeros(200, 200)]
-    block, views = pool.take(big)
-    assert [v.shape for v in views] == [p.shape for p in big] and block.numel() == 40300
-    pool.give(block)
-    again, views = pool.take(small)
-    assert again is block and views[0].shape == (200, 200)
+    big = [torch.zeros(400, 100), torch.zeros(300)]
+    lent = pool.take(big)
+    assert [t.shape for t in lent] == [p.shape for p in big] and all(owns_storage(t) for t in lent)
+    assert lent[0].untyped_storage().data_ptr() != lent[1].untyped_storage().data_ptr()
+    pool.give(lent)
+    again = pool.take(big)
+    assert [t.untyped_storage().data_ptr() for t in again] == [t.untyped_storage().data_ptr() for t in lent]
     pool.give(again)
-    larger, _ = pool.take([torch.zeros(50000)])
-    assert larger is not block and larger.numel() == 50000
-    assert pool.take([torch.zeros(40000), torch.zeros(2, dtype=torch.float64)]) is None
-    assert pool.take([torch.zeros(FRESH_BYTES // 4 - 1)]) is None  # small: a fresh copy is cheaper
+    others = [pool.take([torch.zeros(500 + i, 100)]) for i in range(3)]  # other shapes, held at once
+    for t in others:
+        pool.give(t)
+    assert pool._kept <= 2 * pool._largest
+    assert pool.lends(torch.zeros(FRESH_BYTES // 4)) and not pool.lends(torch.zeros(FRESH_BYTES // 4 - 1))

@@ -73,13 +73,16 @@ def test_trains_through_the_pipeline_and_counts_its_memory_honestly(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_two_backward_paths_give_the_same_numbers(name, monkeypatch):
-    """A small stage copies the past version into its parameters for the backward; a large one
-    hands it to autograd through the saved-tensor hooks (the path checked against the
-    references in test_engine.py): bit for bit the same training, for every strategy."""
+    """A stage swaps the past version's storage into its parameters for the backward, or (where
+    torch cannot swap storages) hands it to autograd through the saved-tensor hooks (both
+    checked against the references in test_engine.py): bit for bit the same training, for
+    every strategy."""
     import layerpipe.engine.stage as stage_module
 
-    def train(swap_bytes: int) -> tuple[list[float], list[torch.Tensor], list[bool]]:
-        monkeypatch.setattr(stage_module, "SWAP_BYTES", swap_bytes)
+    default = stage_module.swap_storages
+
+    def train(swap: bool) -> tuple[list[float], list[torch.Tensor], list[bool]]:
+        monkeypatch.setattr(stage_module, "swap_storages", default if swap else None)
         model = _model()
         pipe = Pipeline(model, stages=[2, 2, 1], weights=name, optimizer=_sgd)
         losses = []
@@ -89,8 +92,8 @@ def test_the_two_backward_paths_give_the_same_numbers(name, monkeypatch):
             losses += [float(v) for v in info.losses.values()]
         return losses, [p.detach().clone() for p in model.parameters()], [s.swaps for s in pipe.stages]
 
-    swap_losses, swap_params, swaps = train(1 << 20)
-    hook_losses, hook_params, no_swaps = train(0)
+    swap_losses, swap_params, swaps = train(True)
+    hook_losses, hook_params, no_swaps = train(False)
     # the last stage has d = 0; a backward on the live weights (`latest`) needs neither path
     delayed = not strategy_class(name).live_backward
     assert swaps == [delayed, delayed, False] and no_swaps == [False, False, False]
@@ -157,3 +160,29 @@ def test_a_new_strategy_file_is_picked_up(tmp_path, monkeypatch):
         from layerpipe.weights import registry
 
         registry._REGISTRY.pop("test-frozen")
+
+
+def test_a_version_in_a_shared_buffer_is_copied_before_the_swap(monkeypatch):
+    """A strategy (a user's) may hand the backward views into one flat buffer, which cannot be
+    swapped in alone: the engine copies them first and trains exactly as with `stash`."""
+    from layerpipe.weights.flat import FlatBuffer
+    from layerpipe.weights.stash import Stash
+
+    def train() -> tuple[list[float], list[torch.Tensor], list[bool]]:
+        model = _model()
+        pipe = Pipeline(model, stages=[2, 2, 1], weights="stash", optimizer=_sgd)
+        losses = [float(v) for x, y in _batches(12) for v in pipe.step(x, y).losses.values()]
+        return losses, [p.detach().clone() for p in model.parameters()], [s.swaps for s in pipe.stages]
+
+    exact = train()
+
+    def flat_before_update(self) -> None:
+        if self._pending.get(self.version, 0) > 0 and self.version not in self._saved:
+            buf = FlatBuffer(self.params)  # views of one shared tensor
+            buf.copy_from(self.params)
+            self._saved[self.version] = buf
+
+    monkeypatch.setattr(Stash, "before_update", flat_before_update)
+    flat = train()
+    assert flat[2] == [True, True, False]  # the swap path ran
+    assert flat[0] == exact[0] and all(torch.equal(a, b) for a, b in zip(flat[1], exact[1]))

@@ -1,6 +1,7 @@
 """Small pieces of a stage's saved-tensor handling: the reference the pack hook keeps for a
 saved parameter, the lookup from a data pointer to the parameter it views, the hooks of a
-backward on the live weights, and the gradient parts of tied parameters.
+backward on the live weights, the version-counter reset and storage swap of a backward
+without hooks, and the gradient parts of tied parameters.
 """
 from __future__ import annotations
 
@@ -51,6 +52,34 @@ def _version_setter() -> Callable[[tuple[Tensor, ...], tuple[int, ...]], None] |
 
 # resets autograd's version counters (see `_version_setter`)
 set_versions = _version_setter()
+
+
+def _storage_swapper() -> Callable[[Any, Any], None] | None:
+    """torch's private swap of two storages' memory (`UntypedStorage._swap_data_ptr_`: every
+    tensor viewing either storage, autograd's saved views included, then reads the other's
+    data; O(1), no copy), or None where it is missing or does not swap (older torch): the
+    engine then keeps the hooks. Tried once on scratch tensors, not assumed."""
+    swap = getattr(torch.UntypedStorage, "_swap_data_ptr_", None)
+    if swap is None:
+        return None
+    a, b = torch.zeros(1), torch.ones(1)
+    view = a.view(1, 1)
+    try:
+        swap(a.untyped_storage(), b.untyped_storage())
+    except (TypeError, RuntimeError):
+        return None
+    return swap if (float(view[0, 0]), float(b[0])) == (1.0, 0.0) else None
+
+
+# swaps two storages' memory (see `_storage_swapper`)
+swap_storages = _storage_swapper()
+
+
+def owns_storage(t: Tensor) -> bool:
+    """True when `t` is its storage's only occupant: contiguous from offset 0 and as long as the
+    storage, so swapping storages moves exactly `t`'s elements."""
+    return (t.layout is STRIDED and t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
 def storage_spans(params: Sequence[Tensor]) -> tuple[list[int], list[int], list[int]]:

@@ -16,12 +16,13 @@ A strategy whose backward reads the live weights (`latest`) needs none of this: 
 runs the forward without hooks and sets its parameters' autograd version counters back after
 each optimizer step, so autograd accepts the updated live weights in the later backward.
 
-A small stage (at most `SWAP_BYTES` of weights, times the strategy's `swap_scale`: 4 for
-`ema`) skips the hooks too, whatever its strategy: the hooks cost a Python call per saved
-tensor at pack and at unpack, more than copying a few kilobytes of weights. Its updates are
-hidden from autograd as above, and its backward copies the chosen version into the
-parameters' own storage (the live weights wait in a buffer of the stage's size and come
-back after), so what autograd saved, views included, reads that version. Not with autocast (the cast copy holds the forward's weights), tied
+Where torch can swap two storages' memory (`UntypedStorage._swap_data_ptr_`) and every
+parameter of a stage owns its storage, the stage skips the hooks too, whatever its strategy:
+the hooks cost a Python call per saved tensor at pack and at unpack. Its updates are hidden
+from autograd as above, and for the backward the storage of each parameter is swapped, in
+O(1) and without a copy, with that of the tensor the strategy gives (a stashed version, the
+EMA reconstruction), so what autograd saved, views included, reads that version; the swap is
+undone after the backward. Not with autocast (the cast copy holds the forward's weights), tied
 parameters or a compensation's forward context: those keep the hooks.
 
 Two other forms a weight takes before autograd saves it are handled the same way:
@@ -60,20 +61,15 @@ import torch
 from torch import Tensor, nn
 
 from layerpipe.compensate import history_bytes
-from layerpipe.engine.saved import STRIDED, ParamRef, TiedGrads, same_tensor, set_versions, storage_spans
+from layerpipe.engine.saved import (STRIDED, ParamRef, TiedGrads, owns_storage, same_tensor, set_versions,
+                                    storage_spans, swap_storages)
 from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
 from layerpipe.weights import WeightStrategy
-from layerpipe.weights.flat import FlatBuffer
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 #: called once per stage with its optimizer; the scheduler is stepped after every update
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-
-
-#: a stage with at most this many bytes of weights runs its backward on a past version by
-#: copying it into the parameters instead of through saved-tensor hooks (module docstring)
-SWAP_BYTES = 256 * 1024
 
 
 @dataclass
@@ -183,19 +179,18 @@ class Stage:
         # what the parameters point at again after a backward on another version (made once:
         # `p.data` makes a new tensor object per call)
         self._live_data = tuple(p.detach() for p in self.params)
+        # their storages, for the swap of a backward without hooks (`_backward_swapped`)
+        self._live_storages = tuple(p.untyped_storage() for p in self.params)
         # a backward on the live weights (`latest`) needs no reference per saved parameter,
         # only that autograd accept the optimizer's in-place update (not a cast copy: it holds
         # the forward's weights)
         live = (self.strategy.live_backward and all(s.live_backward for s, _ in self._foreign)
                 and self._autocast is None)
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.params)
-        #: a backward on a past version copies it into the parameters (module docstring)
-        self.swaps = (bool(self.params) and not live and set_versions is not None and self.delay > 0 and self._autocast is None
-                      and not self._foreign and not self._owned_tied
-                      and weight_bytes <= SWAP_BYTES * self.strategy.swap_scale)
-        self._swap_buffer: FlatBuffer | None = None  # the live weights during such a backward
-        self._live_versions: tuple[int, ...] = ()
-        self._buffer_is_live = False  # the swap buffer holds the live weights (no update since)
+        #: a backward on a past version swaps its storage into the parameters (module docstring)
+        self.swaps = (bool(self.params) and not live and set_versions is not None and swap_storages is not None
+                      and self.delay > 0 and self._autocast is None and not self._foreign and not self._owned_tied
+                      and all(owns_storage(p) for p in self.params)
+                      and len({p.untyped_storage().data_ptr() for p in self.params}) == len(self.params))
         #: the updates of this stage are hidden from autograd's version check (see `update`)
         self.hides_updates = (live or self.swaps) and set_versions is not None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(*((same_tensor, same_tensor) if live else (self._pack, self._unpack)))
@@ -319,15 +314,8 @@ class Stage:
         for p in self.owned:
             p.grad = None
         saved: list[Tensor | None] = []
-        if self.swaps and not item.hooked:  # small stage: the version is copied in, no hooks
-            swapped = False
-            try:
-                swapped = self._swap_in(item.version)
-                _run_backward(item.output, grad_output, self.is_last)
-            finally:
-                if swapped:
-                    self._swap_out()
-                self.strategy.release(item.version)
+        if self.swaps and not item.hooked:  # no hooks: the version's storage is swapped in
+            self._backward_swapped(item, grad_output)
         else:
             saved = self._backward_hooked(item, grad_output)
         if self._foreign or self._owned_tied:
@@ -375,31 +363,32 @@ class Stage:
                 strategy.release(v)
         return saved
 
-    def _swap_in(self, version: int) -> bool:
-        """Put the weights the backward of `version` sees into the parameters' own storage (a
-        backward without hooks); the live weights wait in the swap buffer. False where the
-        strategy gives the live weights (nothing moved). Version counters are set back:
-        autograd saved these tensors before and must accept them."""
-        live = self._live_data
-        if self._swap_buffer is None:
-            self._swap_buffer = FlatBuffer(live)
-        self._live_versions = tuple(w._version for w in live)
-        self._swap_buffer.copy_from(live)
-        if not self.strategy.write_backward_weights(version):
-            self._buffer_is_live = True  # the live version itself: nothing to put back
-            return False
-        assert set_versions is not None  # `swaps` needs it
-        set_versions(live, self._live_versions)
-        return True
-
-    def _swap_out(self) -> None:
-        """The live weights back into the parameters after a `_swap_in` backward."""
-        assert self._swap_buffer is not None
-        live = self._live_data
-        torch._foreach_copy_(live, self._swap_buffer.views)
-        assert set_versions is not None
-        set_versions(live, self._live_versions)
-        self._buffer_is_live = True  # until the next update
+    def _backward_swapped(self, item: InFlight, grad_output: Any) -> None:
+        """The backward of a forward that ran without hooks: each parameter's storage is swapped
+        with that of the tensor the strategy gives for it (O(1), no copy; autograd saved the
+        parameters or views of them, which now read that version), and swapped back after.
+        Version counters do not move: a swap is no in-place operation."""
+        assert swap_storages is not None  # `swaps` needs it
+        weights = self.strategy.backward_weights(item.version)
+        pairs = []
+        if weights is not self.strategy.params:
+            for live, w in zip(self._live_storages, weights):
+                theirs = w.untyped_storage()
+                if theirs.data_ptr() == live.data_ptr():  # the live weights themselves
+                    continue
+                # the one check that keeps memory safe: the version fills a storage like the live one
+                if w.storage_offset() or theirs.nbytes() != live.nbytes() or theirs.device != live.device \
+                        or not w.is_contiguous():
+                    theirs = torch.empty_like(w, memory_format=torch.contiguous_format).copy_(w).untyped_storage()
+                pairs.append((live, theirs))
+        for a, b in pairs:
+            swap_storages(a, b)
+        try:
+            _run_backward(item.output, grad_output, self.is_last)
+        finally:
+            for a, b in pairs:
+                swap_storages(a, b)
+            self.strategy.release(item.version)
 
     def _exchange_tied(self, mb: int, saved: list[Tensor | None]) -> None:
         """Park this stage's part of the gradient of tied parameters owned elsewhere (their
@@ -420,10 +409,6 @@ class Stage:
         when `clip_grad_norm` is set; the learning-rate scheduler steps after)."""
         if self.clip_grad_norm is not None and self.owned:
             torch.nn.utils.clip_grad_norm_(self.owned, self.clip_grad_norm)
-        if self._buffer_is_live:  # the swap buffer equals the live weights: offer it
-            assert self._swap_buffer is not None
-            self._swap_buffer = self.strategy.take_live_copy(self._swap_buffer) or self._swap_buffer
-            self._buffer_is_live = False
         self.strategy.before_update()
         if self.optimizer is not None:
             if self.hides_updates:

@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from layerpipe.weights.flat import FlatBuffer
 
 
 class WeightStrategy:
@@ -31,11 +30,6 @@ class WeightStrategy:
     #: True when `backward_weights` always returns the live weights (`params`): the engine
     #: then keeps no reference per saved parameter (cheaper saved-tensor hooks)
     live_backward: ClassVar[bool] = False
-    #: how many times the engine's `SWAP_BYTES` a stage may hold and still copy its version
-    #: into the parameters for the backward instead of using the saved-tensor hooks (where
-    #: writing the version in place costs less, measured by benchmarks/backward_paths.py)
-    swap_scale: ClassVar[int] = 1
-
     def __init__(self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.params = [p.detach() for p in params]  # detached aliases: see in-place updates, no autograd
         self.delay = delay
@@ -54,24 +48,11 @@ class WeightStrategy:
         return self.version
 
     def backward_weights(self, version: int) -> list[Tensor]:
-        """Tensors standing in for the parameters in the backward of a forward at `version`."""
+        """Tensors standing in for the parameters in the backward of a forward at `version`:
+        per parameter, the parameter itself (`params[i]`) or a tensor of its shape that owns
+        its storage (the engine may swap that storage into the parameter's for the length of
+        the backward; a view into a shared buffer is copied first, which costs a pass)."""
         return self.params
-
-    def write_backward_weights(self, version: int) -> bool:
-        """Write the weights the backward of `version` sees into `params` themselves (the
-        engine keeps their live values aside and puts them back after); False, and nothing
-        written, where those are the live weights."""
-        weights = self.backward_weights(version)
-        if weights is self.params:
-            return False
-        torch._foreach_copy_(self.params, list(weights))
-        return True
-
-    def take_live_copy(self, copy: FlatBuffer) -> FlatBuffer | None:
-        """Called before an update with a flat copy of the live weights the engine made anyway:
-        a strategy that would copy them in `before_update` may keep it and give back a
-        buffer of the same layout for the engine's next use; None: not taken."""
-        return None
 
     def release(self, version: int) -> None:
         """The backward of the forward at `version` is done."""

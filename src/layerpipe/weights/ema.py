@@ -35,9 +35,6 @@ class UpdateEMA(WeightStrategy):
     """LayerPipe2 reconstruction W_now - n * EMA(applied updates), one buffer per delayed stage"""
 
     name = "ema"
-    # the rebuild is written in place either way: the swap costs two copies more and saves the
-    # hooks and the lent block; measured even with the hooks at 1 MiB stages, ahead below
-    swap_scale = 4
 
     def __init__(
         self,
@@ -50,12 +47,17 @@ class UpdateEMA(WeightStrategy):
         self.alpha = alpha if alpha is not None else 2.0 / (delay + 1)
         self.steps = 0  # updates folded into the average, for bias correction
         self._before: list[Tensor] | None = None
-        self._lent: Tensor | None = None  # the scratch block of the last rebuild, until release
+        self._lent: list[Tensor] | None = None  # the scratch tensors of the last rebuild, until release
         self._exact_delta = any(p.element_size() < 4 for p in self.params)
         #: True: the buffer holds E, the EMA of the weights; False: u, the EMA of updates
         self.of_weights = not self._exact_delta and self.alpha < 1.0
         # a stage whose backward runs in the tick of its forward (d = 0) never needs history
         self._avg = FlatBuffer(self.params, zero=True) if delay > 0 and self.params else None
+        # the rebuild: large tensors into lent scratch (no page faults), small ones fresh, in
+        # one foreach kernel (the Python of a lending per small tensor costs more)
+        lent = [i for i, p in enumerate(self.params) if SCRATCH.lends(p)]
+        self._lent_index = lent if self._avg is not None else []
+        self._fresh_index = [i for i in range(len(self.params)) if i not in set(lent)]
 
     def _scale(self, n: float) -> float:
         """n * u_hat = scale * u (kept u) or scale * (E - W) (kept E)."""
@@ -69,23 +71,26 @@ class UpdateEMA(WeightStrategy):
         if n == 0 or self._avg is None or self.steps == 0:
             return self.params
         scale = -self._scale(n)
-        lent = SCRATCH.take(self.params)  # a transient copy, not history
-        if lent is None:  # one foreach kernel per dtype group
+        params, avg = self.params, self._avg.views
+        if not self._lent_index:  # one foreach kernel per dtype group
             if self.of_weights:
-                return torch._foreach_lerp(self.params, self._avg.views, scale)
-            return torch._foreach_add(self.params, self._avg.views, alpha=scale)
-        self._lent, out = lent
+                return torch._foreach_lerp(params, avg, scale)
+            return torch._foreach_add(params, avg, alpha=scale)
+        out: list[Tensor] = [params[0]] * len(params)
+        if self._fresh_index:
+            ps, avs = [params[i] for i in self._fresh_index], [avg[i] for i in self._fresh_index]
+            fresh = torch._foreach_lerp(ps, avs, scale) if self.of_weights else torch._foreach_add(ps, avs, alpha=scale)
+            for i, r in zip(self._fresh_index, fresh):
+                out[i] = r
+        self._lent = SCRATCH.take([params[i] for i in self._lent_index])  # a transient copy, not history
         # one pass per tensor, written in place (foreach ops have no out= on the CPU)
-        for w, a, r in zip(self.params, self._avg.views, out):
+        for i, r in zip(self._lent_index, self._lent):
             if self.of_weights:
-                torch.lerp(w, a, scale, out=r)
+                torch.lerp(params[i], avg[i], scale, out=r)
             else:
-                torch.add(w, a, alpha=scale, out=r)
+                torch.add(params[i], avg[i], alpha=scale, out=r)
+            out[i] = r
         return out
-
-    def write_backward_weights(self, version: int) -> bool:
-        # in place, one pass: W_then = W_now - n u_hat is the shift by -n
-        return self.version != version and self.shift_(self.params, float(version - self.version))
 
     def release(self, version: int) -> None:
         if self._lent is not None:  # the backward that read the rebuilt weights is done

@@ -31,7 +31,7 @@ class WeightEMA(WeightStrategy):
         self.decay = decay
         self._avg: FlatBuffer | None = None
         if delay > 0 and self.params:
-            self._avg = FlatBuffer(self.params)
+            self._avg = FlatBuffer(self.params, separate=True)  # handed to the backward as it is
             self._avg.copy_from(self.params)
 
     def backward_weights(self, version: int) -> list[Tensor]:

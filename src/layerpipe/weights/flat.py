@@ -1,10 +1,13 @@
-"""Flat buffers that mirror a list of parameters, for fast whole-stage copies and arithmetic.
+"""Buffers that mirror a list of parameters, for fast whole-stage copies and arithmetic.
 
 One contiguous tensor per (dtype, device) group holds a copy of every parameter; `views` are
 shaped like the parameters, so `torch._foreach_*` ops touch all of them in a few kernel
 launches instead of one Python iteration per tensor (measured on an H200 for ResNet-18:
-1.3 ms per-tensor loop vs 0.035 ms flat). `state()` and `load_state()` are the one place
-a strategy's buffers go to and come back from a checkpoint.
+1.3 ms per-tensor loop vs 0.035 ms flat). With `separate=True` every view is a tensor of its
+own instead (the same foreach launches): a past version the engine may swap into a
+parameter's storage for a backward (`layerpipe.engine.saved.swap_storages`) must own its
+storage. `state()` and `load_state()` are the one place a strategy's buffers go to and come
+back from a checkpoint.
 """
 from __future__ import annotations
 
@@ -17,7 +20,13 @@ from torch import Tensor
 class FlatBuffer:
     """Storage shaped like `params`: `views[i]` has `params[i]`'s shape, dtype and device."""
 
-    def __init__(self, params: Sequence[Tensor], *, zero: bool = False) -> None:
+    def __init__(self, params: Sequence[Tensor], *, zero: bool = False, separate: bool = False) -> None:
+        make = torch.zeros if zero else torch.empty
+        if separate:
+            self.flats = [make(p.shape, dtype=p.dtype, device=p.device) for p in params]
+            self.views = list(self.flats)
+            self.nbytes = sum(f.numel() * f.element_size() for f in self.flats)
+            return
         groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for i, p in enumerate(params):
             groups.setdefault((p.dtype, p.device), []).append(i)
@@ -25,7 +34,7 @@ class FlatBuffer:
         views: list[Tensor | None] = [None] * len(params)
         for (dtype, device), idx in groups.items():
             total = sum(params[i].numel() for i in idx)
-            flat = (torch.zeros if zero else torch.empty)(total, dtype=dtype, device=device)
+            flat = make(total, dtype=dtype, device=device)
             offset = 0
             for i in idx:
                 n = params[i].numel()
@@ -56,37 +65,48 @@ FRESH_BYTES = 128 * 1024
 
 
 class ScratchPool:
-    """Flat CPU blocks lent for transient copies of a stage's weights (the `ema` rebuild) and
-    given back after the backward that read them. glibc hands a freed block of |W_k| back to
-    the system, so a fresh one page-faults on every backward (measured: ~1 ms per tick on
-    the 8-stage 512-wide MLP); lent blocks are reused instead. A block is the size of the
-    largest stage that borrowed it, shared by all stages of the process, so no more memory
-    stays alive than the largest transient copy; one never given back is simply dropped."""
+    """CPU tensors lent for transient copies of a stage's weights (the `ema` rebuild), one per
+    parameter with its own storage (the engine may swap it into the parameter for the
+    backward), given back after the backward that read them. glibc hands a freed tensor of
+    more than 128 KiB back to the system, so a fresh one page-faults on every backward
+    (measured: ~1 ms per tick on the 8-stage 512-wide MLP); lent tensors are reused instead,
+    by (dtype, device, element count). The pool keeps at most twice the largest set lent at
+    once (a model whose stages have different shapes would otherwise keep one of each); a
+    tensor beyond that, or one never given back, is simply dropped."""
 
     def __init__(self) -> None:
-        self._free: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        self._free: dict[tuple[torch.dtype, torch.device, int], list[Tensor]] = {}
+        self._kept = 0  # bytes in the free lists
+        self._largest = 0  # bytes of the largest set lent at once
 
-    def take(self, like: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]] | None:
-        """(block, views shaped like `like`), or None where `like` mixes dtypes or devices or
-        is not on the CPU (the caching allocator of an accelerator already reuses memory)."""
-        first = like[0]
-        if first.device.type != "cpu" or any(t.dtype != first.dtype or t.device != first.device for t in like):
-            return None
-        sizes = [t.numel() for t in like]
-        if sum(sizes) * first.element_size() < FRESH_BYTES:  # a fresh small copy costs less than the lending
-            return None
-        free = self._free.setdefault((first.dtype, first.device), [])
-        fits = next((i for i, b in enumerate(free) if b.numel() >= sum(sizes)), None)
-        if fits is not None:
-            block = free.pop(fits)  # by position: `remove` would compare tensors by value
-        else:
-            if free:  # too small for this stage: its replacement covers it
-                free.pop()
-            block = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
-        return block, [v.view(t.shape) for v, t in zip(block[: sum(sizes)].split(sizes), like)]
+    def take(self, like: Sequence[Tensor]) -> list[Tensor]:
+        """Tensors shaped like `like` (CPU tensors of at least FRESH_BYTES each: below it a fresh
+        allocation costs less than the lending, and an accelerator's caching allocator already
+        reuses memory), each owning its storage."""
+        self._largest = max(self._largest, sum(t.numel() * t.element_size() for t in like))
+        out = []
+        for t in like:
+            free = self._free.get((t.dtype, t.device, t.numel()))
+            if free:
+                block = free.pop()
+                self._kept -= block.numel() * block.element_size()
+            else:
+                block = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+            out.append(block.view(t.shape))
+        return out
 
-    def give(self, block: Tensor) -> None:
-        self._free.setdefault((block.dtype, block.device), []).append(block)
+    @staticmethod
+    def lends(t: Tensor) -> bool:
+        """Whether a copy of `t` should come from the pool (see `take`)."""
+        return t.device.type == "cpu" and t.numel() * t.element_size() >= FRESH_BYTES
+
+    def give(self, tensors: Sequence[Tensor]) -> None:
+        for t in tensors:
+            size = t.numel() * t.element_size()
+            if self._kept + size > 2 * self._largest:
+                continue
+            self._free.setdefault((t.dtype, t.device, t.numel()), []).append(t.view(-1))
+            self._kept += size
 
 
 #: the process's pool (stages run their backwards one at a time)

@@ -1,9 +1,11 @@
 """`stash`: exact weight stashing (PipeDream). Keeps every version an in-flight backward needs.
 
-Copy on update: a version is copied into a flat buffer only when the optimizer is about to
+Copy on update: a version is copied into a buffer only when the optimizer is about to
 overwrite weights that a pending backward still needs. With one forward per tick, stage k
 then holds exactly d_k versions in steady state (sum_k d_k |W_k| = (K-1)|W| for equal stages).
-Freed buffers are reused, so steady state allocates nothing.
+Freed buffers are reused, so steady state allocates nothing. Each version keeps one tensor per
+parameter (`FlatBuffer(separate=True)`): the engine swaps a version's storage into the
+parameters for its backward, in O(1), instead of copying it.
 """
 from __future__ import annotations
 
@@ -50,16 +52,9 @@ class Stash(WeightStrategy):
             if buf is not None:
                 self._free.append(buf)
 
-    def take_live_copy(self, copy: FlatBuffer) -> FlatBuffer | None:
-        # the copy `before_update` would make, already made: keep it, lend a free buffer back
-        if self._pending.get(self.version, 0) <= 0 or self.version in self._saved:
-            return None
-        self._saved[self.version] = copy
-        return self._free.pop() if self._free else FlatBuffer(self.params)
-
     def before_update(self) -> None:
         if self._pending.get(self.version, 0) > 0 and self.version not in self._saved:
-            buf = self._free.pop() if self._free else FlatBuffer(self.params)
+            buf = self._free.pop() if self._free else FlatBuffer(self.params, separate=True)
             buf.copy_from(self.params)
             self._saved[self.version] = buf
 
@@ -82,7 +77,7 @@ class Stash(WeightStrategy):
         self._pending = Counter({int(k): int(v) for k, v in state["pending"].items()})
         self._saved, self._free = {}, []
         for v, tensors in state["saved"].items():
-            buf = FlatBuffer(self.params)
+            buf = FlatBuffer(self.params, separate=True)
             buf.load_state(tensors)
             self._saved[int(v)] = buf
 

@@ -138,7 +138,7 @@ def main() -> int:
         + " | ".join(f"{w} bytes/\\|W\\|" for w in STRATEGIES) + " | sync ms/tick |",
         "|---|---|---|" + "---|" * (2 * len(STRATEGIES) + 1),
     ]
-    print("\n".join(lines[:4]), flush=True)
+    print("\n".join(lines), flush=True)  # the title, machine and the table's header
     ratios: list[tuple[str, dict[str, float], float]] = []
     for name, (make, batch) in models.items():
         for depth in [int(d) for d in args.depths.split(",")]:

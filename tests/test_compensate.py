@@ -162,8 +162,9 @@ def test_pipemare_pipeline_lr_scales_every_stage_of_a_pipelined_run_only(delay, 
     torch.testing.assert_close(params[0].detach(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_pipemare_scale_adamw_false_leaves_the_adamw_part_out_of_the_delay_factor():
-    # two SGD groups, one tagged as muon tags its AdamW part: only the other gets lr / d
+@pytest.mark.parametrize("rule", ["scaled", "pipeline", "full"])
+def test_pipemare_adamw_rule_sets_what_the_adamw_part_gets(rule):
+    # two SGD groups, one tagged as muon tags its AdamW part: the rule applies to that one only
     from layerpipe.compensate.muon import ADAMW_PART
 
     shapes = [(3,), (2,)]
@@ -172,16 +173,22 @@ def test_pipemare_scale_adamw_false_leaves_the_adamw_part_out_of_the_delay_facto
     lr, delay, warmup, factor = 0.2, 3, 2, 0.75
     sgd = torch.optim.SGD([{"params": [params[0]]}, {"params": [params[1]], "part": ADAMW_PART}], lr=lr)
     opt = make_compensation("pipemare", params, delay, sgd, max_delay=delay, anneal="never", warmup=warmup,
-                            pipeline_lr=factor, scale_adamw=False)
+                            pipeline_lr=factor, adamw=rule)
     _run(opt, params, grads)
+    tagged = {"scaled": factor / delay, "pipeline": factor, "full": 1.0}[rule]
     for t, gs in enumerate(grads):
         warm = min(1.0, (t + 1) / warmup)
         refs[0] = refs[0] - lr * warm * factor / delay * gs[0]
-        refs[1] = refs[1] - lr * warm * factor * gs[1]
+        refs[1] = refs[1] - lr * warm * tagged * gs[1]
     for p, ref in zip(params, refs):
         torch.testing.assert_close(p.detach(), ref, rtol=1e-5, atol=1e-6)
-    with pytest.raises(LayerpipeError, match="scale_adamw must be True or False"):
-        make_compensation("pipemare", params, delay, sgd, scale_adamw="no")
+    assert [g["lr"] for g in sgd.param_groups] == [lr, lr]  # restored
+
+
+def test_pipemare_rejects_an_unknown_adamw_rule():
+    params = _params([(3,)])
+    with pytest.raises(LayerpipeError, match="adamw must be one of scaled, pipeline, full"):
+        make_compensation("pipemare", params, 2, torch.optim.SGD(params, lr=0.1), adamw="half")
 
 
 def test_muon_tags_its_adamw_part():

@@ -11,9 +11,11 @@ lr / d_k ** power for the whole run (what the transformer recipe measured best: 
 scaling lasted, the lower the pipelined loss). `pipeline_lr=f` multiplies the lr of every
 stage, the undelayed ones included, by f when the pipeline has any delay (a synchronous run,
 all delays 0, keeps its own lr): a pipelined run wants a lower lr than the synchronous best
-(the transformer: 0.75x). `scale_adamw=False` leaves the AdamW part of `muon` (its vectors,
-embeddings and output matrix) out of the per-delay factor (warm-up and `pipeline_lr` still
-apply): the diagnosis found an embedding's delay nearly harmless. The group's lr is restored after the step, so any outer schedule
+(the transformer: 0.75x). `adamw=` sets what the AdamW part of `muon` (its vectors,
+embeddings and output matrix) gets: `scaled` (the default) both factors like every group,
+`pipeline` only `pipeline_lr`, `full` neither (warm-up only): the diagnosis found an
+embedding's delay nearly harmless, and the transformer's pipelined runs measured best with
+the AdamW part at the full lr. The group's lr is restored after the step, so any outer schedule
 that sets it keeps working. No memory.
 """
 from __future__ import annotations
@@ -41,13 +43,17 @@ def pipemare_scale(tick: int, delay: int, anneal: int | None, warmup: int, power
     return warm * max(1, delay) ** -(power * p)
 
 
+#: what `adamw=` may give the AdamW part of `muon` (module docstring)
+ADAMW_RULES = ("scaled", "pipeline", "full")
+
+
 @register("pipemare", rank=20)
 class PipeMare(Compensation):
     name = "pipemare"
 
     def __init__(
         self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer, *, anneal: int | str = 500,
-        warmup: int = 100, power: float = 1.0, pipeline_lr: float = 1.0, scale_adamw: bool = True,
+        warmup: int = 100, power: float = 1.0, pipeline_lr: float = 1.0, adamw: str = "scaled",
         max_delay: int | None = None,
     ) -> None:
         super().__init__(params, delay, optimizer)
@@ -57,9 +63,9 @@ class PipeMare(Compensation):
             raise ValueError(f"pipeline_lr must be a factor in (0, 10], got {pipeline_lr!r}")
         if pipeline_lr != 1.0 and max_delay is None:
             raise ValueError("pipeline_lr needs the pipeline's largest delay (build it through the pipeline)")
-        if not isinstance(scale_adamw, bool):
-            raise ValueError(f"scale_adamw must be True or False, got {scale_adamw!r}")
-        self.scale_adamw = scale_adamw
+        if adamw not in ADAMW_RULES:
+            raise ValueError(f"adamw must be one of {', '.join(ADAMW_RULES)}, got {adamw!r}")
+        self.adamw = adamw
         self.anneal = None if anneal == "never" else int(anneal)
         self.warmup, self.power = int(warmup), float(power)
         #: the factor on every stage of a pipeline with delays (1 in a synchronous run)
@@ -68,11 +74,11 @@ class PipeMare(Compensation):
 
     def step(self, closure=None) -> None:
         scale = pipemare_scale(self.ticks, self.delay, self.anneal, self.warmup, self.power) * self.pipeline_factor
-        # without the per-delay factor: warm-up and the pipeline's factor only
-        unscaled = pipemare_scale(self.ticks, 0, None, self.warmup) * self.pipeline_factor
+        warm = pipemare_scale(self.ticks, 0, None, self.warmup)  # without the per-delay factor
+        adamw_scale = {"scaled": scale, "pipeline": warm * self.pipeline_factor, "full": warm}[self.adamw]
         saved = [g["lr"] for g in self.param_groups]
         for g in self.param_groups:
-            g["lr"] = g["lr"] * (unscaled if not self.scale_adamw and g.get("part") == ADAMW_PART else scale)
+            g["lr"] = g["lr"] * (adamw_scale if g.get("part") == ADAMW_PART else scale)
         try:
             self.optimizer.step()
         finally:

@@ -29,14 +29,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     "snn": dict(epochs=25, batch_size=64, optimizer="adam", lr=3e-3, threads=1),
     # the transformer: Muon on the hidden matrices (AdamW on the rest) at 1.6e-2, momentum 0.9
     # (sync's best), a per-microbatch cosine, PipeMare's lr / d_k on the delayed stages for the
-    # whole run, less momentum there, set by depth (0.5 at 4 stages, 0.7 at 8: a delay acts as
+    # whole run (not on the AdamW part: embeddings, vectors, output layer, at the full lr),
+    # less momentum there, set by depth (0.5 at 4 stages, 0.7 at 8: a delay acts as
     # momentum already), the 1F1B timing (delays S(k), half LayerPipe's 2 S(k)), and
     # microbatches of 4 sequences (sync's best batch on the default data): the best measured
     # recipe, synchronous and pipelined (docs/results.md, "Transformer")
     "gpt": dict(epochs=2, batch_size=4, optimizer="adamw", lr=1.6e-2, threads=0, lr_schedule="cosine-step",
                 schedule="pipedream",
                 compensation=["muon:momentum=0.9,delayed_momentum=depth",
-                              "pipemare:anneal=never,warmup=30,pipeline_lr=0.75"]),
+                              "pipemare:anneal=never,warmup=30,pipeline_lr=0.75,adamw=full"]),
 }
 _FALLBACK_RECIPE = dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3, threads=0)
 #: settings every recipe has unless it says otherwise

@@ -186,3 +186,17 @@ def test_a_version_in_a_shared_buffer_is_copied_before_the_swap(monkeypatch):
     flat = train()
     assert flat[2] == [True, True, False]  # the swap path ran
     assert flat[0] == exact[0] and all(torch.equal(a, b) for a, b in zip(flat[1], exact[1]))
+
+
+def test_a_version_of_the_wrong_shape_is_refused(monkeypatch):
+    """Swapping storages trusts shape and dtype: a strategy that breaks them gets one clear error."""
+    from layerpipe.errors import LayerpipeError
+    from layerpipe.weights.stash import Stash
+
+    right = Stash.backward_weights
+    monkeypatch.setattr(Stash, "backward_weights",
+                        lambda self, v: [w.t().contiguous() if w.ndim == 2 else w for w in right(self, v)])
+    pipe = Pipeline(_model(), stages=[2, 2, 1], weights="stash", optimizer=_sgd)
+    with pytest.raises(LayerpipeError, match="gave the backward a torch.float64 .* tensor for a torch.float64"):
+        for x, y in _batches(6):
+            pipe.step(x, y)

@@ -372,14 +372,17 @@ class Stage:
         weights = self.strategy.backward_weights(item.version)
         pairs = []
         if weights is not self.strategy.params:
-            for live, w in zip(self._live_storages, weights):
+            for p, live, w in zip(self._live_data, self._live_storages, weights):
                 theirs = w.untyped_storage()
                 if theirs.data_ptr() == live.data_ptr():  # the live weights themselves
                     continue
-                # the one check that keeps memory safe: the version fills a storage like the live one
+                if w.dtype != p.dtype or w.shape != p.shape:
+                    raise LayerpipeError(f"weight strategy {self.strategy.name!r} gave the backward a {w.dtype} "
+                                         f"{tuple(w.shape)} tensor for a {p.dtype} {tuple(p.shape)} parameter")
+                # the check that keeps memory safe: the version fills a storage like the live one
                 if w.storage_offset() or theirs.nbytes() != live.nbytes() or theirs.device != live.device \
                         or not w.is_contiguous():
-                    theirs = torch.empty_like(w, memory_format=torch.contiguous_format).copy_(w).untyped_storage()
+                    theirs = torch.empty_like(p).copy_(w).untyped_storage()  # a view into a shared buffer
                 pairs.append((live, theirs))
         for a, b in pairs:
             swap_storages(a, b)

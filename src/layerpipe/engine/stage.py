@@ -3,22 +3,22 @@
 Both engines drive stages through this class: the single-process engine holds all of them,
 the distributed runtime one per process.
 
-Past weights reach the backward pass without swapping parameters in place (autograd's
-version check forbids that, and it is what broke PipeDream on later PyTorch): the forward
-runs on the live parameters inside `torch.autograd.graph.saved_tensors_hooks`; when an
-operation saves a parameter (or a view of one, such as `weight.t()`), the pack hook stores
-only a reference to it, and the unpack hook, called during the backward, hands autograd the
-same view of the tensor the weight strategy chose (the stashed version, the EMA
-reconstruction, or the live weights). Activations are saved as usual. The weight gradient
+Past weights reach the backward pass without an in-place write to the parameters (autograd's
+version check forbids that, and it is what broke PipeDream on later PyTorch), in one of two
+ways. Through saved-tensor hooks: the forward runs on the live parameters inside
+`torch.autograd.graph.saved_tensors_hooks`; when an operation saves a parameter (or a view
+of one, such as `weight.t()`), the pack hook stores only a reference to it, and the unpack
+hook, called during the backward, hands autograd the same view of the tensor the weight
+strategy chose (the stashed version, the EMA reconstruction, or the live weights). Activations are saved as usual. The weight gradient
 itself needs no weights, so it always lands in `param.grad` for the optimizer.
 
 A strategy whose backward reads the live weights (`latest`) needs none of this: its stage
 runs the forward without hooks and sets its parameters' autograd version counters back after
 each optimizer step, so autograd accepts the updated live weights in the later backward.
 
-Where torch can swap two storages' memory (`UntypedStorage._swap_data_ptr_`) and every
-parameter of a stage owns its storage, the stage skips the hooks too, whatever its strategy:
-the hooks cost a Python call per saved tensor at pack and at unpack. Its updates are hidden
+By storage swap, where torch can swap two storages' memory (`UntypedStorage._swap_data_ptr_`)
+and every parameter of a stage owns its storage: the stage skips the hooks, whatever its strategy
+(they cost a Python call per saved tensor at pack and at unpack). Its updates are hidden
 from autograd as above, and for the backward the storage of each parameter is swapped, in
 O(1) and without a copy, with that of the tensor the strategy gives (a stashed version, the
 EMA reconstruction), so what autograd saved, views included, reads that version; the swap is

@@ -38,7 +38,7 @@ from layerpipe.errors import LayerpipeError
 
 
 #: the `part` of the AdamW param groups (vectors, embeddings, the output layer), for wrappers
-#: that treat them apart (`pipemare:scale_adamw=False`)
+#: that treat them apart (`pipemare:adamw=...`)
 ADAMW_PART = "adamw"
 
 #: set (True) on the matrices Muon leaves to AdamW: input embeddings, the output layer

@@ -9,8 +9,9 @@ ways. Through saved-tensor hooks: the forward runs on the live parameters inside
 `torch.autograd.graph.saved_tensors_hooks`; when an operation saves a parameter (or a view
 of one, such as `weight.t()`), the pack hook stores only a reference to it, and the unpack
 hook, called during the backward, hands autograd the same view of the tensor the weight
-strategy chose (the stashed version, the EMA reconstruction, or the live weights). Activations are saved as usual. The weight gradient
-itself needs no weights, so it always lands in `param.grad` for the optimizer.
+strategy chose (the stashed version, the EMA reconstruction, or the live weights).
+Activations are saved as usual. The weight gradient itself needs no weights, so it always
+lands in `param.grad` for the optimizer.
 
 A strategy whose backward reads the live weights (`latest`) needs none of this: its stage
 runs the forward without hooks and sets its parameters' autograd version counters back after

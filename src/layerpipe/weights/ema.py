@@ -55,9 +55,9 @@ class UpdateEMA(WeightStrategy):
         self._avg = FlatBuffer(self.params, zero=True) if delay > 0 and self.params else None
         # the rebuild: large tensors into lent scratch (no page faults), small ones fresh, in
         # one foreach kernel (the Python of a lending per small tensor costs more)
-        lent = [i for i, p in enumerate(self.params) if SCRATCH.lends(p)]
-        self._lent_index = lent if self._avg is not None else []
-        self._fresh_index = [i for i in range(len(self.params)) if i not in set(lent)]
+        lends = [SCRATCH.lends(p) for p in self.params]
+        self._lent_index = [i for i, lent in enumerate(lends) if lent] if self._avg is not None else []
+        self._fresh_index = [i for i, lent in enumerate(lends) if not lent]
 
     def _scale(self, n: float) -> float:
         """n * u_hat = scale * u (kept u) or scale * (E - W) (kept E)."""

@@ -23,6 +23,9 @@ def test_compare_writes_table_plot_and_json(tmp_path, monkeypatch, capsys):
     assert "--schedule pipedream" in md and "--model-option hidden=(32,)" in md and "--lr-schedule" not in md
     assert md.count("| sync |") == 2 and md.count("| ema |") == 2  # one row per depth
     data = json.loads((out / "results.json").read_text())
+    # the row shows the microbatch trained with and the mean test loss of the seeds' runs
+    losses = [r["test_loss"] for r in data["runs"] if r["weights"] == "ema" and r["key"][0] == "2"]
+    assert "| 64 | ema | " in md and f"| {sum(losses) / 2:.4f} ± " in md  # mlp: microbatch 64
     assert len(data["runs"]) == 2 * 3 * 2  # depths x strategies x seeds (sync reused)
     stash = [r for r in data["runs"] if r["weights"] == "stash" and r["key"][0] == "2"]  # steady state in 5 ticks
     assert all(r["weight_history_bytes"] == r["stash_bytes"] for r in stash)

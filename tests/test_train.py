@@ -102,6 +102,7 @@ def test_resume_equals_uninterrupted(tmp_path, weights):
         (["--stages", "x"], "--stages"),
         (["--model", "nope"], "unknown model"),
         (["--epochs", "0"], "at least 1"),
+        (["--max-stale-samples", "-1"], "--max-stale-samples must be 0 (off) or a positive integer"),
         (["--resume"], "--resume"),
         (["--model-option", "norm"], "KEY=VALUE"),
         (["--model-option", "depth=3"], "has no option depth; its options: channels, stem_kernel, norm"),
@@ -212,3 +213,37 @@ def test_one_process_moves_inputs_and_labels_to_the_device(monkeypatch):
     train(config, progress=False)
     assert any(torch.equal(m, data.x_train) for m in moved if m.shape == data.x_train.shape)
     assert any(torch.equal(m, data.y_train) for m in moved if m.shape == data.y_train.shape)
+
+
+def test_max_stale_samples_picks_the_largest_microbatch_within_the_bound():
+    # the transformer's recipe: 4 sequences, at most 16 samples of staleness
+    gpt = TrainConfig(model="gpt", stages="8", weights="ema")
+    assert (gpt.batch_size, gpt.max_stale_samples) == (4, 16)
+    assert [gpt.microbatch(d) for d in (0, 1, 3, 4, 5, 7, 16, 17)] == [4, 4, 4, 4, 3, 2, 1, 1]
+    assert gpt.microbatch(7, replicas=2) == 1  # 2 replicas: 7 x 2 x 1 = 14 <= 16
+    # a microbatch the user gives is kept at every depth, unless they also bound staleness
+    assert TrainConfig(model="gpt", stages="8", batch_size=4).microbatch(7) == 4
+    assert TrainConfig(model="gpt", stages="8", batch_size=8, max_stale_samples=16).microbatch(3) == 5
+    assert TrainConfig(**SMALL).max_stale_samples == 0 and TrainConfig(**SMALL).microbatch(6) == 32
+
+
+def test_max_stale_samples_trains_as_that_microbatch_given_directly():
+    """The rule only picks the microbatch: the run equals one given that microbatch."""
+    bounded = train(TrainConfig(**SMALL, weights="stash", stages="3", max_stale_samples=40), progress=False)
+    direct = train(TrainConfig(**{**SMALL, "batch_size": 10}, weights="stash", stages="3"), progress=False)
+    assert bounded.delays == [4, 2, 0] and bounded.microbatch == direct.microbatch == 10  # 40 // 4
+    assert bounded.test_loss == direct.test_loss
+    assert [r["train_loss"] for r in bounded.history] == [r["train_loss"] for r in direct.history]
+    sync = train(TrainConfig(**SMALL, weights="sync", stages="3", max_stale_samples=40), progress=False)
+    assert sync.microbatch == 32  # no delay, nothing stale: the microbatch as given
+
+
+def test_resume_refuses_another_staleness_bound():
+    from layerpipe.errors import LayerpipeError
+    from layerpipe.training import check_checkpoint_config
+
+    saved = TrainConfig(**SMALL, max_stale_samples=40).to_dict()
+    with pytest.raises(LayerpipeError, match="max_stale_samples=40"):
+        check_checkpoint_config({"config": saved}, TrainConfig(**SMALL), "the checkpoint")
+    del saved["max_stale_samples"]  # a checkpoint from before the setting: the microbatch at every depth
+    check_checkpoint_config({"config": saved}, TrainConfig(**SMALL), "the checkpoint")

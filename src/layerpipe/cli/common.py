@@ -34,6 +34,11 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
                         "recipe: pipedream for gpt, else layerpipe)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the model's recipe)")
     p.add_argument("--batch-size", type=int, default=None, help="microbatch size (default: the model's recipe)")
+    p.add_argument("--max-stale-samples", type=int, default=None, metavar="N",
+                   help="pipelined runs: shrink the microbatch (never below 1) so that the oldest gradient is at "
+                        "most N samples stale (largest delay x microbatch); 0: the same microbatch at every depth "
+                        "(default: the model's recipe when --batch-size is not given: 16 for gpt, i.e. 4 sequences "
+                        "up to 4 stages and 2 at 8; else 0)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="optimizer (default: the model's recipe)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's recipe)")
     p.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
@@ -64,7 +69,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
     fields = dict(
         model=args.model, dataset=args.dataset, data_dir=args.data_dir, samples=args.samples, data_seed=args.data_seed,
         stages=getattr(args, "stages", "4"), weights=getattr(args, "weights", "ema"), schedule=args.schedule,
-        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+        epochs=args.epochs, batch_size=args.batch_size,
+        max_stale_samples=args.max_stale_samples, optimizer=args.optimizer, lr=args.lr,
         lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs, stage_lr=args.stage_lr,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=getattr(args, "seed", 0), device=args.device,
         threads=args.threads, model_options=parse_model_options(args.model_option, "--model-option"),

@@ -181,8 +181,10 @@ def _summarise(depths: list[str], strategies: list[str], seeds: list[int], resul
             rows.append({
                 "stages": stages if ref is None else ",".join(map(str, ref["stages"])),
                 "delays": "0 (sync)" if w == "sync" or ref is None else ",".join(map(str, ref["delays"])),
+                "microbatch": runs[0].get("microbatch", "?"),  # results saved before the field: unknown
                 "weights": w,
                 "accuracies": [r["test_accuracy"] for r in runs],
+                "losses": [r["test_loss"] for r in runs],
                 "history_x": max(r["weight_history_bytes"] for r in runs) / runs[0]["parameter_bytes"],
                 "seconds_per_epoch": sum(r["seconds_per_epoch"] for r in runs) / len(runs),
             })
@@ -197,7 +199,8 @@ def _command(args: argparse.Namespace) -> str:
 
     return "layerpipe compare " + " ".join(
         [f"--model {args.model}", f"--weights {args.weights}", f"--seeds {args.seeds}", "--stages " + " ".join(args.stages)]
-        + [f"--{k.replace('_', '-')} {v}" for k in ("dataset", "samples", "epochs", "batch_size", "optimizer", "lr", "lr_schedule", "sync_warmup")
+        + [f"--{k.replace('_', '-')} {v}" for k in ("dataset", "samples", "epochs", "batch_size", "max_stale_samples", "optimizer", "lr",
+                                                       "lr_schedule", "sync_warmup")
            if (v := getattr(args, k)) is not None]
         + [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in OPTIONAL_FLAGS
            if getattr(args, k) != TrainConfig.__dataclass_fields__[k].default]

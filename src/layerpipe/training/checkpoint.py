@@ -155,7 +155,7 @@ def check_checkpoint_config(state: dict[str, Any], config: TrainConfig, what: st
     """Refuse to resume with settings that change what the saved state means; name them all.
     The batch size compares as the global microbatch (replicas x batch size), so that a
     checkpoint reshards over the replicas."""
-    saved = dict(state.get("config", {}))
+    saved = {"max_stale_samples": 0, **state.get("config", {})}  # older checkpoints: the microbatch at every depth
     saved_dp = int(state.get("dp", 1))
     differ = [f"{key}={saved.get(key)!r} (now {getattr(config, key)!r})" for key in RESUME_KEYS
               if key != "batch_size" and saved.get(key) != getattr(config, key)]

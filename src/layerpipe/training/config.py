@@ -32,16 +32,18 @@ RECIPES: dict[str, dict[str, Any]] = {
     # whole run (not on the AdamW part: embeddings, vectors, output layer, at the full lr),
     # less momentum there, set by depth (0.5 at 4 stages, 0.7 at 8: a delay acts as
     # momentum already), the 1F1B timing (delays S(k), half LayerPipe's 2 S(k)), and
-    # microbatches of 4 sequences (sync's best batch on the default data): the best measured
-    # recipe, synchronous and pipelined (docs/results.md, "Transformer")
+    # microbatches of 4 sequences (sync's best batch on the default data), smaller in a deep
+    # pipeline so that no gradient is more than 16 sequences stale (2 at 8 stages): the best
+    # measured recipe, synchronous and pipelined (docs/results.md, "Transformer")
     "gpt": dict(epochs=2, batch_size=4, optimizer="adamw", lr=1.6e-2, threads=0, lr_schedule="cosine-step",
-                schedule="pipedream",
+                schedule="pipedream", max_stale_samples=16,
                 compensation=["muon:momentum=0.9,delayed_momentum=depth",
                               "pipemare:anneal=never,warmup=30,pipeline_lr=0.75,adamw=full"]),
 }
 _FALLBACK_RECIPE = dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3, threads=0)
 #: settings every recipe has unless it says otherwise
-_RECIPE_DEFAULTS = dict(compensation=[], sync_warmup=0, lr_schedule="cosine", schedule="layerpipe")
+_RECIPE_DEFAULTS = dict(compensation=[], sync_warmup=0, lr_schedule="cosine", schedule="layerpipe",
+                        max_stale_samples=0)
 
 
 def recipe(model: str) -> dict[str, Any]:
@@ -50,7 +52,7 @@ def recipe(model: str) -> dict[str, Any]:
 
 #: the settings a checkpoint must agree on to be resumed (they change what the state means)
 RESUME_KEYS = ("sync_warmup", "model", "model_options", "dataset", "samples", "data_seed", "stages", "weights", "schedule",
-               "seed", "batch_size", "optimizer", "compensation", "weight_options")
+               "seed", "batch_size", "max_stale_samples", "optimizer", "compensation", "weight_options")
 
 
 def weight_choices() -> list[str]:
@@ -72,7 +74,13 @@ class TrainConfig:
     #: "layerpipe" (delays 2 S(k)) or "pipedream" (S(k), 1F1B timing); None: the recipe's
     schedule: str | None = None
     epochs: int | None = None
+    #: samples per microbatch (per replica with data parallelism); see `microbatch`
     batch_size: int | None = None
+    #: a pipelined run's microbatch is `batch_size` or less, so that its oldest gradient is
+    #: at most this many samples stale (largest delay x global microbatch); 0: `batch_size`
+    #: at every depth. None: the recipe's where `batch_size` is too, else 0 (a microbatch the
+    #: user gives is kept)
+    max_stale_samples: int | None = None
     optimizer: str | None = None
     lr: float | None = None
     #: "cosine": lr decays to 0 over the run with a cosine, per epoch; "cosine-step": the
@@ -106,6 +114,8 @@ class TrainConfig:
     compensation: list[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.batch_size is not None and self.max_stale_samples is None:
+            self.max_stale_samples = 0  # the user's microbatch, at every depth
         for key, value in recipe(self.model).items():
             if getattr(self, key) is None:
                 setattr(self, key, list(value) if isinstance(value, list) else value)
@@ -130,6 +140,14 @@ class TrainConfig:
         from layerpipe.training.validate import check_config
 
         check_config(self)
+
+    def microbatch(self, max_delay: int, replicas: int = 1) -> int:
+        """Samples per microbatch and replica for a pipeline whose largest gradient delay is
+        `max_delay` ticks: `batch_size`, or with `max_stale_samples` the largest size not above
+        it whose oldest gradient is at most that many samples stale (never below 1)."""
+        if not self.max_stale_samples or max_delay <= 0:
+            return self.batch_size
+        return max(1, min(self.batch_size, self.max_stale_samples // (max_delay * replicas)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -44,6 +44,8 @@ class TrainResult:
     config: dict[str, Any]
     stages: list[int]
     delays: list[int]
+    #: samples per microbatch and replica this run trained with (see TrainConfig.microbatch)
+    microbatch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     test_accuracy: float = 0.0
     test_loss: float = 0.0
@@ -59,6 +61,7 @@ class TrainResult:
             "test_accuracy": self.test_accuracy, "test_loss": self.test_loss,
             "weight_history_bytes": self.weight_history_bytes, "stash_bytes": self.stash_bytes,
             "parameter_bytes": self.parameter_bytes, "stages": self.stages, "delays": self.delays,
+            "microbatch": self.microbatch,
             "weights": c["weights"], "schedule": c["schedule"], "model": c["model"], "dataset": c["dataset"],
             "epochs": c["epochs"], "seed": c["seed"], "seconds": self.seconds,
             "seconds_per_epoch": (sum(r["seconds"] for r in self.history) / len(self.history)) if self.history else 0.0,
@@ -156,7 +159,11 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
     device = torch.device(config.device)
     # what exact stashing would hold with this partition (also reported for sync and ema runs)
     stash_delays = stage_delays(len(engine.stage_sizes), config.schedule)
-    result = TrainResult(config.to_dict(), engine.stage_sizes, engine.delays,
+    microbatch = config.microbatch(max(engine.delays), engine.dp)
+    if microbatch != config.batch_size and main:
+        log.info("microbatch %d (--batch-size %d): the largest delay, %d ticks, keeps the oldest gradient within "
+                 "--max-stale-samples %d", microbatch, config.batch_size, max(engine.delays), config.max_stale_samples)
+    result = TrainResult(config.to_dict(), engine.stage_sizes, engine.delays, microbatch,
                          stash_bytes=sum(d * b for d, b in zip(stash_delays, engine.stage_parameter_bytes)),
                          parameter_bytes=sum(engine.stage_parameter_bytes))
     shared = engine.share("run_dir", str(run_dir) if run_dir else "")  # rank 0's folder everywhere
@@ -179,7 +186,7 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
         epoch_start = time.perf_counter()
         set_lr(engine.optimizers(), engine.local_delays(), epoch_lr(config, epoch), config.stage_lr)
         # the global microbatches (R x batch_size with R replicas; each replica takes its slice)
-        order = epoch_order(num_samples(data.x_train), config.batch_size * engine.dp, config.seed, epoch)
+        order = epoch_order(num_samples(data.x_train), microbatch * engine.dp, config.seed, epoch)
         bar = _progress_bar(len(order), f"epoch {epoch + 1}/{config.epochs}", progress and main)
         try:
             step_lr = step_lr_setter(config, epoch, len(order), engine.optimizers(), engine.local_delays(),

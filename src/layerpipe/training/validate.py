@@ -36,6 +36,8 @@ def _check_numbers(c: Any) -> None:
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise LayerpipeError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
+    if isinstance(c.max_stale_samples, bool) or not isinstance(c.max_stale_samples, int) or c.max_stale_samples < 0:
+        raise LayerpipeError(f"--max-stale-samples must be 0 (off) or a positive integer, got {c.max_stale_samples!r}")
     if c.warmup_epochs < 0:
         raise LayerpipeError(f"--warmup-epochs must be 0 or more, got {c.warmup_epochs}")
     if c.seed < 0 or c.data_seed < 0:

@@ -216,11 +216,11 @@ def test_one_process_moves_inputs_and_labels_to_the_device(monkeypatch):
 
 
 def test_max_stale_samples_picks_the_largest_microbatch_within_the_bound():
-    # the transformer's recipe: 4 sequences, at most 16 samples of staleness
+    # the transformer's recipe: 4 sequences, at most 8 samples of staleness
     gpt = TrainConfig(model="gpt", stages="8", weights="ema")
-    assert (gpt.batch_size, gpt.max_stale_samples) == (4, 16)
-    assert [gpt.microbatch(d) for d in (0, 1, 3, 4, 5, 7, 16, 17)] == [4, 4, 4, 4, 3, 2, 1, 1]
-    assert gpt.microbatch(7, replicas=2) == 1  # 2 replicas: 7 x 2 x 1 = 14 <= 16
+    assert (gpt.batch_size, gpt.max_stale_samples) == (4, 8)
+    assert [gpt.microbatch(d) for d in (0, 1, 2, 3, 4, 5, 7, 9)] == [4, 4, 4, 2, 2, 1, 1, 1]
+    assert gpt.microbatch(2, replicas=2) == 2  # 2 replicas: 2 x 2 x 2 = 8 <= 8
     # a microbatch the user gives is kept at every depth, unless they also bound staleness
     assert TrainConfig(model="gpt", stages="8", batch_size=4).microbatch(7) == 4
     assert TrainConfig(model="gpt", stages="8", batch_size=8, max_stale_samples=16).microbatch(3) == 5

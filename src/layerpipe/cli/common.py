@@ -37,8 +37,8 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
     p.add_argument("--max-stale-samples", type=int, default=None, metavar="N",
                    help="pipelined runs: shrink the microbatch (never below 1) so that the oldest gradient is at "
                         "most N samples stale (largest delay x microbatch); 0: the same microbatch at every depth "
-                        "(default: the model's recipe when --batch-size is not given: 16 for gpt, i.e. 4 sequences "
-                        "up to 4 stages and 2 at 8; else 0)")
+                        "(default: the model's recipe when --batch-size is not given: 8 for gpt, i.e. 4 sequences "
+                        "up to 3 stages, 2 at 4-5 stages, 1 deeper; else 0)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="optimizer (default: the model's recipe)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's recipe)")
     p.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,

@@ -273,13 +273,16 @@ def test_muon_delayed_momentum_only_on_delayed_stages():
 
 
 def test_muon_delayed_momentum_by_depth():
-    """`delayed_momentum=depth`: every delayed stage takes 1 - 3 / (D + 3), D the pipeline's
-    largest delay (0.5 at D = 3, 0.7 at D = 7); the undelayed stage keeps 0.95."""
+    """`delayed_momentum=depth`: every delayed stage takes 0.2 + 0.1 D, D the pipeline's
+    largest delay (0.5 at D = 3, 0.9 at D = 7), never more than the undelayed stage's
+    momentum (0.95 by default, 0.9 in the recipe)."""
     params = _params([(4, 4)])
-    for delays, want in (((3, 2, 1, 0), 0.5), ((7, 6, 5, 4, 3, 2, 1, 0), 0.7)):
-        factory = pipeline_optimizer(delays, ["muon:delayed_momentum=depth"])
+    for delays, spec, want, undelayed in (((3, 2, 1, 0), "", 0.5, 0.95), ((1, 0), "", 0.3, 0.95),
+                                          ((7, 6, 5, 4, 3, 2, 1, 0), "", 0.9, 0.95),
+                                          ((8, 7, 6, 5, 4, 3, 2, 1, 0), ",momentum=0.9", 0.9, 0.9)):
+        factory = pipeline_optimizer(delays, [f"muon:delayed_momentum=depth{spec}"])
         got = [factory(params).muon.param_groups[0]["momentum"] for _ in delays]
-        assert got == pytest.approx([want] * (len(delays) - 1) + [0.95])
+        assert got == pytest.approx([want] * (len(delays) - 1) + [undelayed])
     with pytest.raises(LayerpipeError, match="needs the pipeline's delays"):
         make_compensation("muon", params, 4, delayed_momentum="depth")
     with pytest.raises(LayerpipeError, match="max_delay is the pipeline's largest delay, not an option"):

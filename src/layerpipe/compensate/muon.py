@@ -13,8 +13,9 @@ Muon's momentum follows the delay rule of `nesterov` (`delay_beta1(momentum, d_k
 momentum_max)`: longer windows on delayed stages); with `delayed_momentum=B` every stage with
 d_k > 0 uses momentum B instead (Mitliagkas et al., "Asynchrony begets momentum", 2016: a delay
 acts as implicit momentum, so the explicit one may be lowered where the delay is);
-`delayed_momentum=depth` sets it by the pipeline's largest delay D, 1 - 3 / (D + 3) (0.5 at
-D = 3, 4 stages under the 1F1B timing; 0.7 at D = 7, 8 stages: the best measured at each depth);
+`delayed_momentum=depth` sets it by the pipeline's largest delay D, 0.2 + 0.1 D, at most the
+undelayed stages' momentum (0.5 at D = 3, 4 stages under the 1F1B timing; 0.9 at D = 7, 8
+stages: the best measured at each depth with the recipe's microbatch for that depth);
 `delayed_adamw_beta1=B` does the same for the AdamW part's beta1 (0.9 elsewhere).
 
 torch's Muon runs its Newton-Schulz iteration in bfloat16, which is fast on accelerators but
@@ -174,13 +175,16 @@ class MuonAdamW:
             self.adamw.load_state_dict(state["adamw"])
 
 
-def depth_momentum(max_delay: int) -> float:
-    """The delayed stages' momentum for a pipeline whose largest delay is `max_delay`.
+def depth_momentum(max_delay: int, momentum: float) -> float:
+    """The delayed stages' momentum for a pipeline whose largest delay is `max_delay`, at most
+    the undelayed stages' `momentum`: 0.2 + 0.1 D, linear through the two measured optima.
 
-    Measured on the zoo GPT (docs/transformer-diagnosis.md): 0.5 is best at 4 stages (D = 3),
-    0.6-0.8 at 8 (D = 7; 0.5 and 0.3 clearly worse there); a per-stage rule by each stage's own
+    Measured on the zoo GPT with the recipe's microbatch by depth (docs/transformer-diagnosis.md,
+    "Fifth session"): at 4 stages (D = 3, microbatch 2) 0.5-0.7 is best and 0.8-0.9 worse; at 8
+    (D = 7, microbatch 1) the loss falls steadily from 0.5 to 0.9 (0.9: no reduction). At
+    microbatch 4 the 8-stage optimum had been 0.6-0.8; a per-stage rule by each stage's own
     delay was worse at 8 stages. A deeper pipeline wants more momentum on every delayed stage."""
-    return 1.0 - 3.0 / (max(max_delay, 0) + 3.0)
+    return min(momentum, max(0.0, 0.2 + 0.1 * max_delay))
 
 
 @register("muon", builds_optimizer=True)
@@ -207,7 +211,7 @@ def build_muon(
         if max_delay is None:
             raise LayerpipeError("muon: delayed_momentum=depth needs the pipeline's delays (build it through "
                                  "build_optimizer(..., max_delay=) or pipeline_optimizer)")
-        delayed_momentum = depth_momentum(max_delay)
+        delayed_momentum = depth_momentum(max_delay, momentum)
     for key, value in (("momentum", momentum), ("delayed_momentum", delayed_momentum),
                        ("delayed_adamw_beta1", delayed_adamw_beta1)):
         if value is not None and (not isinstance(value, (int, float)) or not 0.0 <= value < 1.0):

@@ -30,8 +30,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the transformer: Muon on the hidden matrices (AdamW on the rest) at 1.6e-2, momentum 0.9
     # (sync's best), a per-microbatch cosine, PipeMare's lr / d_k on the delayed stages for the
     # whole run (not on the AdamW part: embeddings, vectors, output layer, at the full lr),
-    # less momentum there, set by depth (0.5 at 4 stages, 0.7 at 8: a delay acts as
-    # momentum already), the 1F1B timing (delays S(k), half LayerPipe's 2 S(k)), and
+    # less momentum there, set by depth (0.5 at 4 stages: a delay acts as momentum already;
+    # 0.9, no less, at 8, where the microbatch is one sequence), the 1F1B timing (delays S(k), half LayerPipe's 2 S(k)), and
     # microbatches of 4 sequences (sync's best batch on the default data), fewer in a pipeline
     # so that no gradient is more than 8 sequences stale (2 at 4 stages, 1 at 8): the best
     # measured recipe, synchronous and pipelined (docs/results.md, "Transformer")

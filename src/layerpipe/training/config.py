@@ -34,7 +34,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 0.9, no less, at 8, where the microbatch is one sequence), the 1F1B timing (delays S(k),
     # half LayerPipe's 2 S(k)), and microbatches of 4 sequences (sync's best batch on the
     # default data), fewer in a pipeline so that no gradient is more than 8 sequences stale
-    # (2 at 4 stages, 1 at 8): the best measured recipe, synchronous and pipelined (docs/results.md, "Transformer")
+    # (2 at 4 stages, 1 at 8): the best measured recipe, synchronous and pipelined
+    # (docs/results.md, "Transformer")
     "gpt": dict(epochs=2, batch_size=4, optimizer="adamw", lr=1.6e-2, threads=0, lr_schedule="cosine-step",
                 schedule="pipedream", max_stale_samples=8,
                 compensation=["muon:momentum=0.9,delayed_momentum=depth",

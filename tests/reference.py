@@ -65,3 +65,22 @@ def delayed_sgd(model, stage_sizes, delays, batches, optimizer_factory, loss_fn)
                 p.grad = None
         t += 1
     return model, [losses[m] for m in range(M)]
+
+
+class AccumulatingOptimizer:
+    """Hand-written gradient accumulation around an optimizer: `step` adds the parameters'
+    gradients to its own sum and, every `every` calls, steps the inner optimizer on their mean."""
+
+    def __init__(self, params, inner, every):
+        self.params, self.inner, self.every = list(params), inner, every
+        self.sum, self.count = None, 0
+
+    def step(self):
+        grads = [p.grad.detach().clone() for p in self.params]
+        self.sum = grads if self.sum is None else [a + b for a, b in zip(self.sum, grads)]
+        self.count += 1
+        if self.count == self.every:
+            for p, s in zip(self.params, self.sum):
+                p.grad = s / self.every
+            self.inner.step()
+            self.sum, self.count = None, 0

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from layerpipe.compensate import build_optimizer, make_compensation, parse_spec, pipeline_optimizer
@@ -463,3 +464,59 @@ def test_muon_adamw_lr_scale_and_delayed_beta1():
     for bad in ({"adamw_lr_scale": 0}, {"delayed_adamw_beta1": 1.0}):
         with pytest.raises(LayerpipeError):
             make_compensation("muon", params, 3, **bad)
+
+
+# -- (d) accumulate inside the engine: the sum kept in .grad --------------------------------
+@pytest.mark.parametrize("schedule, every", [("pipedream", 2), ("layerpipe", 3)])
+@pytest.mark.parametrize("keep", [True, False], ids=["sum-in-grad", "own-sum"])
+def test_accumulate_in_the_engine_equals_handwritten_delayed_sgd(schedule, every, keep):
+    from reference import AccumulatingOptimizer, delayed_sgd
+    from test_engine import SGD_MOMENTUM, make_batches, make_model, run_pipeline
+
+    model, batches = make_model(torch.float64), make_batches(n=23, dtype=torch.float64)  # 23: one left over
+    stages = [1, 3, 2, 1]
+    delays = [(2 if schedule == "layerpipe" else 1) * (3 - k) for k in range(4)]
+
+    def reference_opt(ps):
+        return AccumulatingOptimizer(ps, SGD_MOMENTUM(ps), every)
+
+    ref_model, ref_losses = delayed_sgd(model, stages, delays, batches, reference_opt, F.cross_entropy)
+    from layerpipe import Pipeline
+
+    pipe = Pipeline(model, stages=stages, weights="stash", optimizer=SGD_MOMENTUM, schedule=schedule,
+                    loss_fn=F.cross_entropy, compensation=[f"accumulate:every={every}"])
+    for s in pipe.stages:
+        s.may_keep_grads = keep
+    losses = {}
+    for x, y in batches:
+        losses.update(pipe.step(x, y).losses)
+    for info in pipe.flush():
+        losses.update(info.losses)
+    assert [losses[m].item() for m in sorted(losses)] == pytest.approx(ref_losses, rel=1e-10)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    own = [s.optimizer.own_bytes() for s in pipe.stages]
+    if keep:  # the sum lived in .grad: no buffer of its own; 23 ticks leave a partial sum there
+        assert own == [0, 0, 0, 0]
+        assert all(p.grad is not None for p in pipe.stages[0].owned)
+    else:
+        assert own == [sum(p.numel() * 8 for p in s.owned) for s in pipe.stages]
+
+
+def test_accumulate_differs_from_no_accumulation_so_the_test_has_teeth():
+    from test_engine import SGD_MOMENTUM, make_batches, make_model, run_pipeline
+
+    model, batches = make_model(torch.float64), make_batches(dtype=torch.float64)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    run_pipeline(a, batches, stages=[1, 3, 2, 1], weights="stash", optimizer=SGD_MOMENTUM, compensation=["accumulate:every=2"])
+    run_pipeline(b, batches, stages=[1, 3, 2, 1], weights="stash", optimizer=SGD_MOMENTUM)
+    assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) > 1e-4
+
+
+def test_accumulate_keeps_its_own_sum_where_each_ticks_gradient_is_clipped():
+    from test_engine import SGD_MOMENTUM, make_batches, make_model, run_pipeline
+
+    pipe, _ = run_pipeline(make_model(), make_batches(n=7), stages=[1, 3, 2, 1], weights="stash", optimizer=SGD_MOMENTUM,
+                           clip_grad_norm=1.0, compensation=["accumulate:every=2"])
+    assert not any(s.can_keep_grads for s in pipe.stages)
+    assert [s.optimizer.own_bytes() for s in pipe.stages] == [sum(p.numel() * 4 for p in s.owned) for s in pipe.stages]

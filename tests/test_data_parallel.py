@@ -22,7 +22,10 @@ pytestmark = pytest.mark.distributed
 # K = 2 stages x R = 2 replicas, b = 4 per replica; 59 samples: global microbatches of 8 and a
 # last one of 3, split 2 / 1 (weights 2/3 and 1/3)
 DP_CASES = [case(2, "stash", batch=4) | {"n": 59}, case(2, "ema", batch=4) | {"n": 59},
-            case(2, "stash", opt="adam", batch=4) | {"n": 59}, case(2, "ema", opt="adam", batch=4) | {"n": 59}]
+            case(2, "stash", opt="adam", batch=4) | {"n": 59}, case(2, "ema", opt="adam", batch=4) | {"n": 59},
+            # gradient accumulation, summed in .grad: each tick's all-reduce re-reduces the kept
+            # sum (shares summing to 1), so only the new gradients are added
+            case(2, "ema", "pipedream", batch=4, comp=["accumulate:every=2"]) | {"n": 59}]
 
 
 @pytest.mark.timeout(150)

@@ -172,7 +172,8 @@ RECIPE_COMP = ["muon:lr=0.02,delayed_momentum=depth", "pipemare:anneal=20,warmup
 # K processes each run several cases on one connection (process start-up dominates on 2 cores)
 CASES = {
     2: [case(2, "stash"), case(2, "ema", opt="adam"), case(2, "sync"), case(2, "ema", "pipedream", model="bn"),
-        case(2, "latest", batch=5), case(2, "ema", "pipedream", comp=RECIPE_COMP)],
+        case(2, "latest", batch=5), case(2, "ema", "pipedream", comp=RECIPE_COMP),
+        case(2, "stash", "pipedream", comp=["accumulate:every=2"])],
     3: [case(3, "stash", model="bn"), case(3, "ema"), case([2, 3, 2], "sync", opt="adam"),
         case(3, "stash", "pipedream", epochs=1), case(3, "stash", "pipedream", comp=RECIPE_COMP, epochs=1)],
     4: [case(4, "stash"), case(4, "ema", model="bn"), case([2, 2, 2, 1], "weight-ema", "pipedream", epochs=1)],

@@ -4,7 +4,14 @@ Fewer, larger updates make a delay of d_k ticks a staleness of only ceil(d_k / A
 (PipeDream-2BW, PACI). A_k = `every` on every stage, or d_k + 1 with `per_delay=True`
 (staleness at most one update). The applied gradient is the mean of the A_k gradients; on
 the other ticks the weights do not move. Compare with a synchronous run that accumulates the
-same A (the same effective batch). Memory: the gradient sum, |W_k| on stages with A_k > 1.
+same A (the same effective batch).
+
+Memory: inside the engine (`attach(stage)`) the sum lives in the parameters' own `.grad`:
+the stage keeps the gradients between the ticks of an accumulation and autograd adds the
+next backward's into them in place, so nothing is held beyond the gradient every backward
+makes anyway (0 extra bytes; the gradient buffer lives across the A_k ticks instead of one).
+Where the stage cannot keep them (gradient clipping, tied parameters; `Stage.can_keep_grads`)
+and outside the engine, a separate sum: |W_k| on stages with A_k > 1.
 """
 from __future__ import annotations
 
@@ -31,31 +38,75 @@ class Accumulate(Compensation):
         if self.every < 1:
             raise LayerpipeError(f"accumulate: every must be >= 1, got {self.every}")
         self.count = 0
+        self._stage: Any = None  # set by attach: the stage that keeps the gradients for us
         self._sum = [torch.zeros_like(p) for p in self.params] if self.every > 1 else None
 
+    def attach(self, stage: Any) -> None:
+        super().attach(stage)
+        self._stage = stage
+
+    @property
+    def in_grad(self) -> bool:
+        """True: the sum lives in `.grad` (the stage keeps it between ticks); decided when the
+        stage's tied parameters and replicas are known, i.e. at the first step, not at attach."""
+        return self.every > 1 and self._stage is not None and self._stage.can_keep_grads
+
+    def holds_grads(self) -> bool:
+        """True between the ticks of an accumulation kept in `.grad`: the stage must not clear
+        the gradients, the next backward adds into them."""
+        return (self.in_grad and 0 < self.count < self.every) or super().holds_grads()
+
     def step(self, closure=None) -> None:
-        if self._sum is None:
+        if self.every == 1:
             self.optimizer.step()
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        torch._foreach_add_(self._sum, grads)
+        in_grad = self.in_grad
+        if in_grad:
+            self._sum = None  # not needed: autograd sums into .grad
+        else:
+            if self._sum is None:
+                self._sum = [torch.zeros_like(p) for p in self.params]
+            torch._foreach_add_(self._sum, [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
         self.count += 1
         if self.count < self.every:
             return
-        for p, s in zip(self.params, self._sum):
-            p.grad = s / self.every
+        if in_grad:
+            torch._foreach_div_([p.grad for p in self.params if p.grad is not None], float(self.every))
+        else:
+            assert self._sum is not None
+            for p, s in zip(self.params, self._sum):
+                p.grad = s / self.every
         self.optimizer.step()
-        for s in self._sum:
-            s.zero_()
+        if self._sum is not None:
+            for s in self._sum:
+                s.zero_()
         self.count = 0
+
+    def _partial_sum(self) -> list[Tensor | None] | None:
+        """The gradients summed so far in this accumulation (None: nothing summed)."""
+        if self.count == 0:
+            return None
+        if self.in_grad:
+            return [p.grad.clone() if p.grad is not None else None for p in self.params]
+        assert self._sum is not None
+        return [t.clone() for t in self._sum]
 
     def own_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._sum) if self._sum is not None else 0
 
     def own_state(self) -> dict[str, Any]:
-        return {"count": self.count, "sum": [t.clone() for t in self._sum] if self._sum is not None else None}
+        return {"count": self.count, "sum": self._partial_sum()}
 
     def load_own_state(self, state: dict[str, Any]) -> None:
         self.count = int(state["count"])
-        if self._sum is not None and state["sum"] is not None:
-            torch._foreach_copy_(self._sum, [t.to(s.device) for t, s in zip(state["sum"], self._sum)])
+        sums = state["sum"]
+        if sums is None or self.every == 1:
+            return
+        sums = [t.to(p.device) if t is not None else torch.zeros_like(p) for t, p in zip(sums, self.params)]
+        if self.in_grad:
+            for p, t in zip(self.params, sums):
+                p.grad = t
+        else:
+            if self._sum is None:
+                self._sum = [torch.zeros_like(p) for p in self.params]
+            torch._foreach_copy_(self._sum, sums)

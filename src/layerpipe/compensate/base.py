@@ -58,6 +58,12 @@ class Compensation:
         if callable(inner):
             inner(stage)
 
+    def holds_grads(self) -> bool:
+        """True when the stage must keep the parameters' gradients until the next tick (an
+        accumulation summed in `.grad`); passed down the chain."""
+        inner = getattr(self.optimizer, "holds_grads", None)
+        return bool(inner()) if callable(inner) else False
+
     def own_bytes(self) -> int:
         """Bytes this wrapper itself keeps (buffers shared with the weight strategy excluded)."""
         return 0

@@ -158,6 +158,9 @@ class Stage:
         self.strategy = strategy_factory(self.owned, delay, self.optimizer)
         self.scheduler = lr_scheduler(self.optimizer) if (lr_scheduler and self.optimizer) else None
         self.clip_grad_norm = clip_grad_norm
+        #: False: a compensation that accumulates keeps its own sum instead of the gradients
+        #: (for a caller that touches `.grad` between ticks); see `can_keep_grads`
+        self.may_keep_grads = True
         self._autocast = autocast
         self.inflight: dict[int, InFlight] = {}
         # tied parameters (see the module docstring): set by `link_tied`
@@ -312,8 +315,7 @@ class Stage:
         gradient in `param.grad`; returns the gradient for the previous stage's output (a
         tuple, None where none, when the stage took a tuple)."""
         item = self.inflight.pop(mb)
-        for p in self.owned:
-            p.grad = None
+        self._clear_grads()
         saved: list[Tensor | None] = []
         if self.swaps and not item.hooked:  # no hooks: the version's storage is swapped in
             self._backward_swapped(item, grad_output)
@@ -422,6 +424,23 @@ class Stage:
         self.strategy.after_update()
         if self.scheduler is not None:
             self.scheduler.step()
+        self._clear_grads()
+
+    @property
+    def can_keep_grads(self) -> bool:
+        """Whether a compensation may sum gradients in `.grad` across ticks (`holds_grads`):
+        not where each tick's gradient is clipped or exchanged with tied parameters' other
+        users. (Data-parallel replicas may: they all-reduce the kept sum again each tick,
+        weighted by shares that sum to 1, which adds the new gradients only.)"""
+        return (self.may_keep_grads and self.clip_grad_norm is None and not self._foreign
+                and not self._owned_tied)
+
+    def _clear_grads(self) -> None:
+        """Drop the gradients of the last backward, unless the optimizer sums the next into them."""
+        if self.optimizer is not None and self.can_keep_grads:
+            holds = getattr(self.optimizer, "holds_grads", None)
+            if callable(holds) and holds():
+                return
         for p in self.owned:
             p.grad = None
 

@@ -471,7 +471,7 @@ def test_muon_adamw_lr_scale_and_delayed_beta1():
 @pytest.mark.parametrize("keep", [True, False], ids=["sum-in-grad", "own-sum"])
 def test_accumulate_in_the_engine_equals_handwritten_delayed_sgd(schedule, every, keep):
     from reference import AccumulatingOptimizer, delayed_sgd
-    from test_engine import SGD_MOMENTUM, make_batches, make_model, run_pipeline
+    from test_engine import SGD_MOMENTUM, make_batches, make_model
 
     model, batches = make_model(torch.float64), make_batches(n=23, dtype=torch.float64)  # 23: one left over
     stages = [1, 3, 2, 1]

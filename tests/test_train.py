@@ -223,19 +223,35 @@ def test_max_stale_samples_picks_the_largest_microbatch_within_the_bound():
     assert gpt.microbatch(2, replicas=2) == 2  # 2 replicas: 2 x 2 x 2 = 8 <= 8
     # a microbatch the user gives is kept at every depth, unless they also bound staleness
     assert TrainConfig(model="gpt", stages="8", batch_size=4).microbatch(7) == 4
-    assert TrainConfig(model="gpt", stages="8", batch_size=8, max_stale_samples=16).microbatch(3) == 5
+    # a divisor of the batch: 16 // 3 = 5 samples allowed, so 4, two of them per update
+    eight = TrainConfig(model="gpt", stages="8", batch_size=8, max_stale_samples=16)
+    assert (eight.microbatch(3), eight.accumulation(3)) == (4, 2)
+    assert [gpt.accumulation(d) for d in (0, 2, 3, 7)] == [1, 1, 2, 4]
+    assert gpt.run_compensation(7)[-1] == "accumulate:every=4" and gpt.run_compensation(2) == gpt.compensation
     assert TrainConfig(**SMALL).max_stale_samples == 0 and TrainConfig(**SMALL).microbatch(6) == 32
 
 
-def test_max_stale_samples_trains_as_that_microbatch_given_directly():
-    """The rule only picks the microbatch: the run equals one given that microbatch."""
+def test_max_stale_samples_refuses_a_second_accumulation():
+    from layerpipe.errors import LayerpipeError
+
+    config = TrainConfig(model="gpt", stages="8", compensation=["accumulate:every=2"], max_stale_samples=8, batch_size=4)
+    with pytest.raises(LayerpipeError, match="accumulates 4 microbatches per update already"):
+        config.run_compensation(7)
+
+
+def test_max_stale_samples_trains_as_that_microbatch_and_accumulation_given_directly():
+    """The rule picks the microbatch and the accumulation: the run equals one given both."""
     bounded = train(TrainConfig(**SMALL, weights="stash", stages="3", max_stale_samples=40), progress=False)
-    direct = train(TrainConfig(**{**SMALL, "batch_size": 10}, weights="stash", stages="3"), progress=False)
-    assert bounded.delays == [4, 2, 0] and bounded.microbatch == direct.microbatch == 10  # 40 // 4
+    direct = train(TrainConfig(**{**SMALL, "batch_size": 8}, weights="stash", stages="3",
+                               compensation=["accumulate:every=4"]), progress=False)
+    # 40 // 4 = 10 samples allowed: the largest divisor of 32 within it is 8, 4 per update
+    assert bounded.delays == [4, 2, 0] and bounded.microbatch == direct.microbatch == 8 and bounded.accumulation == 4
     assert bounded.test_loss == direct.test_loss
     assert [r["train_loss"] for r in bounded.history] == [r["train_loss"] for r in direct.history]
+    plain = train(TrainConfig(**{**SMALL, "batch_size": 8}, weights="stash", stages="3"), progress=False)
+    assert plain.test_loss != bounded.test_loss  # the accumulation is part of it
     sync = train(TrainConfig(**SMALL, weights="sync", stages="3", max_stale_samples=40), progress=False)
-    assert sync.microbatch == 32  # no delay, nothing stale: the microbatch as given
+    assert sync.microbatch == 32 and sync.accumulation == 1  # no delay, nothing stale: the batch as given
 
 
 def test_resume_refuses_another_staleness_bound():

@@ -33,12 +33,16 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
                         "boundary within its tick, half the delay and the activations) (default: the model's "
                         "recipe: pipedream for gpt, else layerpipe)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the model's recipe)")
-    p.add_argument("--batch-size", type=int, default=None, help="microbatch size (default: the model's recipe)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per update, and per microbatch unless --max-stale-samples splits it (default: the "
+                        "model's recipe)")
     p.add_argument("--max-stale-samples", type=int, default=None, metavar="N",
-                   help="pipelined runs: shrink the microbatch (never below 1) so that the oldest gradient is at "
-                        "most N samples stale (largest delay x microbatch); 0: the same microbatch at every depth "
-                        "(default: the model's recipe when --batch-size is not given: 8 for gpt, i.e. 4 sequences "
-                        "up to 3 stages, 2 at 4-5 stages, 1 deeper; else 0)")
+                   help="pipelined runs: split each batch into microbatches (a divisor of --batch-size, never "
+                        "below 1) so that the oldest gradient is at most N samples stale (largest delay x "
+                        "microbatch), their gradients accumulated into one update; 0: one microbatch per batch "
+                        "at every depth (default: the model's recipe when --batch-size is not given: 8 for gpt, "
+                        "i.e. batches of 4 sequences whole up to 3 stages, in 2 microbatches at 4-5 stages, in 4 "
+                        "deeper; else 0)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="optimizer (default: the model's recipe)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's recipe)")
     p.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,

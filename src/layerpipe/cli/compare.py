@@ -169,6 +169,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _microbatch(run: dict) -> str:
+    """"2" or, with gradient accumulation, "2 (2 per update)"; "?" for results saved before the field."""
+    mb, every = run.get("microbatch", "?"), run.get("accumulation", 1)
+    return f"{mb} ({every} per update)" if every > 1 else str(mb)
+
+
 def _summarise(depths: list[str], strategies: list[str], seeds: list[int], results: dict) -> tuple[list[dict], dict]:
     """Table rows (one per depth and strategy) and learning-curve panels (one per depth)."""
     rows, panels = [], {}
@@ -181,7 +187,7 @@ def _summarise(depths: list[str], strategies: list[str], seeds: list[int], resul
             rows.append({
                 "stages": stages if ref is None else ",".join(map(str, ref["stages"])),
                 "delays": "0 (sync)" if w == "sync" or ref is None else ",".join(map(str, ref["delays"])),
-                "microbatch": runs[0].get("microbatch", "?"),  # results saved before the field: unknown
+                "microbatch": _microbatch(runs[0]),
                 "weights": w,
                 "accuracies": [r["test_accuracy"] for r in runs],
                 "losses": [r["test_loss"] for r in runs],

@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     summary = result.summary()
     if not args.json:
         mib = 1 / 2**20
-        print(f"stages {result.stages}, delays {result.delays}, microbatch {result.microbatch}")
+        per_update = f", {result.accumulation} per update" if result.accumulation > 1 else ""
+        print(f"stages {result.stages}, delays {result.delays}, microbatch {result.microbatch}{per_update}")
         print(f"test accuracy {100 * result.test_accuracy:.2f}%  in {result.seconds:.1f} s")
         print(f"weight history held: {result.weight_history_bytes * mib:.3f} MiB "
               f"({result.weight_history_bytes / result.parameter_bytes:.2f} x |W|); "

@@ -32,10 +32,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # whole run (not on the AdamW part: embeddings, vectors, output layer, at the full lr),
     # less momentum there, set by depth (0.5 at 4 stages: a delay acts as momentum already;
     # 0.9, no less, at 8, where the microbatch is one sequence), the 1F1B timing (delays S(k),
-    # half LayerPipe's 2 S(k)), and microbatches of 4 sequences (sync's best batch on the
-    # default data), fewer in a pipeline so that no gradient is more than 8 sequences stale
-    # (2 at 4 stages, 1 at 8): the best measured recipe, synchronous and pipelined
-    # (docs/results.md, "Transformer")
+    # half LayerPipe's 2 S(k)), and batches of 4 sequences per update (sync's best on the
+    # default data), in a pipeline split into microbatches so that no gradient is more than 8
+    # sequences stale (2 at 4 stages, 1 at 8), their gradients accumulated into one update:
+    # the best measured recipe, synchronous and pipelined (docs/results.md, "Transformer")
     "gpt": dict(epochs=2, batch_size=4, optimizer="adamw", lr=1.6e-2, threads=0, lr_schedule="cosine-step",
                 schedule="pipedream", max_stale_samples=8,
                 compensation=["muon:momentum=0.9,delayed_momentum=depth",
@@ -75,12 +75,14 @@ class TrainConfig:
     #: "layerpipe" (delays 2 S(k)) or "pipedream" (S(k), 1F1B timing); None: the recipe's
     schedule: str | None = None
     epochs: int | None = None
-    #: samples per microbatch (per replica with data parallelism); see `microbatch`
+    #: samples per update (per replica with data parallelism), and per microbatch unless
+    #: `max_stale_samples` splits it; see `microbatch`
     batch_size: int | None = None
-    #: a pipelined run's microbatch is `batch_size` or less, so that its oldest gradient is
-    #: at most this many samples stale (largest delay x global microbatch); 0: `batch_size`
-    #: at every depth. None: the recipe's where `batch_size` is too, else 0 (a microbatch the
-    #: user gives is kept)
+    #: a pipelined run's microbatch is `batch_size` or a divisor of it, so that its oldest
+    #: gradient is at most this many samples stale (largest delay x global microbatch), and
+    #: the gradients of batch_size / microbatch microbatches make one update (`accumulation`);
+    #: 0: microbatch `batch_size` at every depth. None: the recipe's where `batch_size` is
+    #: too, else 0 (a batch the user gives is kept)
     max_stale_samples: int | None = None
     optimizer: str | None = None
     lr: float | None = None
@@ -144,11 +146,28 @@ class TrainConfig:
 
     def microbatch(self, max_delay: int, replicas: int = 1) -> int:
         """Samples per microbatch and replica for a pipeline whose largest gradient delay is
-        `max_delay` ticks: `batch_size`, or with `max_stale_samples` the largest size not above
-        it whose oldest gradient is at most that many samples stale (never below 1)."""
+        `max_delay` ticks: `batch_size`, or with `max_stale_samples` the largest divisor of it
+        whose oldest gradient is at most that many samples stale (never below 1)."""
         if not self.max_stale_samples or max_delay <= 0:
             return self.batch_size
-        return max(1, min(self.batch_size, self.max_stale_samples // (max_delay * replicas)))
+        bound = self.max_stale_samples // (max_delay * replicas)
+        return max(d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0 and (d <= bound or d == 1))
+
+    def accumulation(self, max_delay: int, replicas: int = 1) -> int:
+        """Microbatches whose gradients make one update: batch_size / microbatch, so that a
+        smaller microbatch keeps the batch per update (and is no more stale in updates)."""
+        return self.batch_size // self.microbatch(max_delay, replicas)
+
+    def run_compensation(self, max_delay: int, replicas: int = 1) -> list[str]:
+        """The compensation specs a run with these delays builds: the configured ones, and the
+        gradient accumulation of `accumulation` (innermost: see `layerpipe.compensate`)."""
+        every = self.accumulation(max_delay, replicas)
+        if every == 1:
+            return list(self.compensation)
+        if any(str(c).split(":")[0].strip() == "accumulate" for c in self.compensation):
+            raise LayerpipeError(f"--max-stale-samples {self.max_stale_samples} accumulates {every} microbatches "
+                                 "per update already; drop the accumulate compensation or pass --max-stale-samples 0")
+        return [*self.compensation, f"accumulate:every={every}"]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -105,11 +105,19 @@ class LocalEngine:
                  example_inputs: Any = None) -> None:
         self.model, self.loss_fn = model, loss_fn
         split = split_points is not None or example_inputs is not None
-        self.pipe = Pipeline(model, stages=_split_stages(config, split_points) if split else parse_stages(config.stages),
-                             weights=config.weights, optimizer=make_optimizer_factory(config), loss_fn=loss_fn,
-                             schedule=config.schedule, weight_options=config.weight_options,
-                             compensation=config.compensation, split_points=split_points,
-                             example_inputs=example_inputs)
+
+        def pipeline(compensation: list[str]) -> Pipeline:
+            return Pipeline(model, stages=_split_stages(config, split_points) if split else parse_stages(config.stages),
+                            weights=config.weights, optimizer=make_optimizer_factory(config), loss_fn=loss_fn,
+                            schedule=config.schedule, weight_options=config.weight_options,
+                            compensation=compensation, split_points=split_points, example_inputs=example_inputs)
+
+        self.pipe = pipeline(config.compensation)
+        # the accumulation depends on the delays, known once built; building changes no
+        # weight and draws no random number, so the rebuilt pipeline is the one a user would get
+        compensation = config.run_compensation(max(self.pipe.delays))
+        if compensation != config.compensation:
+            self.pipe = pipeline(compensation)
         self.stage_sizes, self.delays = self.pipe.stage_sizes, self.pipe.delays
         self.stage_parameter_bytes = [s.parameter_bytes() for s in self.pipe.stages]
 
@@ -241,14 +249,17 @@ class DistributedEngine:
             strategy, schedule = resolve_strategy(config.weights, config.schedule)
             if split:  # every process cuts the same model on the same example inputs
                 cut = cut_model(model, _split_stages(config, split_points), split_points, example_inputs)
-                worker = StageWorker(comm, model, split_spec(cut.split_points, schedule), weights=strategy,
+                spec = split_spec(cut.split_points, schedule)
+                worker = StageWorker(comm, model, spec, weights=strategy,
                                      optimizer=make_optimizer_factory(config), loss_fn=loss_fn, device=device,
-                                     weight_options=config.weight_options, compensation=config.compensation, split=cut)
+                                     weight_options=config.weight_options,
+                                     compensation=config.run_compensation(max(spec.delays), dp), split=cut)
             else:
                 spec = sequential_spec(model, parse_stages(config.stages), schedule)
                 worker = StageWorker(comm, model, spec, weights=strategy, optimizer=make_optimizer_factory(config),
                                      loss_fn=loss_fn, sample=data.x_train[:2], device=device,
-                                     weight_options=config.weight_options, compensation=config.compensation)
+                                     weight_options=config.weight_options,
+                                     compensation=config.run_compensation(max(spec.delays), dp))
         except BaseException as exc:
             raise cls(comm, None).fail(exc) from None  # type: ignore[arg-type]
         return cls(comm, worker)

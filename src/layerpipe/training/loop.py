@@ -46,6 +46,8 @@ class TrainResult:
     delays: list[int]
     #: samples per microbatch and replica this run trained with (see TrainConfig.microbatch)
     microbatch: int = 0
+    #: microbatches whose gradients made one update (see TrainConfig.accumulation)
+    accumulation: int = 1
     history: list[dict[str, Any]] = field(default_factory=list)
     test_accuracy: float = 0.0
     test_loss: float = 0.0
@@ -61,7 +63,7 @@ class TrainResult:
             "test_accuracy": self.test_accuracy, "test_loss": self.test_loss,
             "weight_history_bytes": self.weight_history_bytes, "stash_bytes": self.stash_bytes,
             "parameter_bytes": self.parameter_bytes, "stages": self.stages, "delays": self.delays,
-            "microbatch": self.microbatch,
+            "microbatch": self.microbatch, "accumulation": self.accumulation,
             "weights": c["weights"], "schedule": c["schedule"], "model": c["model"], "dataset": c["dataset"],
             "epochs": c["epochs"], "seed": c["seed"], "seconds": self.seconds,
             "seconds_per_epoch": (sum(r["seconds"] for r in self.history) / len(self.history)) if self.history else 0.0,
@@ -161,9 +163,11 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
     stash_delays = stage_delays(len(engine.stage_sizes), config.schedule)
     microbatch = config.microbatch(max(engine.delays), engine.dp)
     if microbatch != config.batch_size and main:
-        log.info("microbatch %d (--batch-size %d): the largest delay, %d ticks, keeps the oldest gradient within "
-                 "--max-stale-samples %d", microbatch, config.batch_size, max(engine.delays), config.max_stale_samples)
+        log.info("microbatch %d, %d per update (--batch-size %d): the largest delay, %d ticks, keeps the oldest "
+                 "gradient within --max-stale-samples %d", microbatch, config.batch_size // microbatch,
+                 config.batch_size, max(engine.delays), config.max_stale_samples)
     result = TrainResult(config.to_dict(), engine.stage_sizes, engine.delays, microbatch,
+                         accumulation=config.batch_size // microbatch,
                          stash_bytes=sum(d * b for d, b in zip(stash_delays, engine.stage_parameter_bytes)),
                          parameter_bytes=sum(engine.stage_parameter_bytes))
     shared = engine.share("run_dir", str(run_dir) if run_dir else "")  # rank 0's folder everywhere

@@ -250,6 +250,12 @@ def test_max_stale_samples_trains_as_that_microbatch_and_accumulation_given_dire
     assert [r["train_loss"] for r in bounded.history] == [r["train_loss"] for r in direct.history]
     plain = train(TrainConfig(**{**SMALL, "batch_size": 8}, weights="stash", stages="3"), progress=False)
     assert plain.test_loss != bounded.test_loss  # the accumulation is part of it
+    # the sum lives in .grad: no more history than the same run without accumulation, from the
+    # start (ema holds its buffer from construction on; a sum made then would show in the peak)
+    ema_runs = [train(TrainConfig(**{**SMALL, "epochs": 1, **kw}, weights="ema", stages="3"), progress=False)
+                for kw in ({"max_stale_samples": 40}, {"batch_size": 8})]
+    assert ema_runs[0].accumulation == 4 and ema_runs[1].accumulation == 1
+    assert ema_runs[0].weight_history_bytes == ema_runs[1].weight_history_bytes
     sync = train(TrainConfig(**SMALL, weights="sync", stages="3", max_stale_samples=40), progress=False)
     assert sync.microbatch == 32 and sync.accumulation == 1  # no delay, nothing stale: the batch as given
 

@@ -39,7 +39,9 @@ class Accumulate(Compensation):
             raise LayerpipeError(f"accumulate: every must be >= 1, got {self.every}")
         self.count = 0
         self._stage: Any = None  # set by attach: the stage that keeps the gradients for us
-        self._sum = [torch.zeros_like(p) for p in self.params] if self.every > 1 else None
+        # the separate sum, allocated at the first step that needs it (where `in_grad` is
+        # False): whether the stage keeps gradients is known only once it is linked
+        self._sum: list[Tensor] | None = None
 
     def attach(self, stage: Any) -> None:
         super().attach(stage)
@@ -47,8 +49,8 @@ class Accumulate(Compensation):
 
     @property
     def in_grad(self) -> bool:
-        """True: the sum lives in `.grad` (the stage keeps it between ticks); decided when the
-        stage's tied parameters and replicas are known, i.e. at the first step, not at attach."""
+        """True: the sum lives in `.grad` (the stage keeps it between ticks). Asked at each
+        step, not at attach: the stage learns of its tied parameters after attach."""
         return self.every > 1 and self._stage is not None and self._stage.can_keep_grads
 
     def holds_grads(self) -> bool:
@@ -61,9 +63,7 @@ class Accumulate(Compensation):
             self.optimizer.step()
             return
         in_grad = self.in_grad
-        if in_grad:
-            self._sum = None  # not needed: autograd sums into .grad
-        else:
+        if not in_grad:
             if self._sum is None:
                 self._sum = [torch.zeros_like(p) for p in self.params]
             torch._foreach_add_(self._sum, [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])

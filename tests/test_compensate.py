@@ -421,6 +421,10 @@ def test_chain_order_and_bytes():
         o = o.optimizer
     assert names == ["predict", "error-feedback", "accumulate"]
     size = sum(p.numel() * 4 for p in params)
+    assert opt.history_bytes() == size  # error-feedback's previous update
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # outside the engine accumulate keeps its own sum, made at the first step
     assert opt.history_bytes() == 2 * size  # error-feedback's previous update + the gradient sum
     with pytest.raises(LayerpipeError, match="one optimizer"):
         build_optimizer(params, 4, ["muon", "nesterov"])

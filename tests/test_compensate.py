@@ -163,6 +163,23 @@ def test_pipemare_pipeline_lr_scales_every_stage_of_a_pipelined_run_only(delay, 
     torch.testing.assert_close(params[0].detach(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_delay", [3, 0])
+def test_pipemare_pipeline_warmup_is_the_warmup_of_a_pipelined_run_only(max_delay):
+    shapes = [(3,)]
+    params, grads = _params(shapes), _grads(shapes, 8)
+    ref = params[0].detach().clone()
+    lr, warmup, pipeline_warmup = 0.2, 2, 6
+    opt = make_compensation("pipemare", params, 0, torch.optim.SGD(params, lr=lr), max_delay=max_delay,
+                            anneal="never", warmup=warmup, pipeline_warmup=pipeline_warmup)
+    _run(opt, params, grads)
+    ticks = pipeline_warmup if max_delay > 0 else warmup  # a synchronous run keeps `warmup`
+    for t, gs in enumerate(grads):
+        ref = ref - lr * min(1.0, (t + 1) / ticks) * gs[0]
+    torch.testing.assert_close(params[0].detach(), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(LayerpipeError, match="pipeline_warmup needs"):
+        make_compensation("pipemare", params, 0, torch.optim.SGD(params, lr=lr), pipeline_warmup=6)
+
+
 @pytest.mark.parametrize("rule", ["scaled", "pipeline", "full"])
 def test_pipemare_adamw_rule_sets_what_the_adamw_part_gets(rule):
     # two SGD groups, one tagged as muon tags its AdamW part: the rule applies to that one only

@@ -11,7 +11,9 @@ lr / d_k ** power for the whole run (what the transformer recipe measured best: 
 scaling lasted, the lower the pipelined loss). `pipeline_lr=f` multiplies the lr of every
 stage, the undelayed ones included, by f when the pipeline has any delay (a synchronous run,
 all delays 0, keeps its own lr): a pipelined run wants a lower lr than the synchronous best
-(the transformer: 0.75x). `adamw=` sets what the AdamW part of `muon` (its vectors,
+(the transformer: 0.75x). `pipeline_warmup=N`, likewise, sets the warm-up length (ticks) of a
+pipelined run, `warmup` staying that of a synchronous one (the transformer: sync is best with a
+short warm-up, 8 updates, its pipelined runs with 30 ticks). `adamw=` sets what the AdamW part of `muon` (its vectors,
 embeddings and output matrix) gets: `scaled` (the default) both factors like every group,
 `pipeline` only `pipeline_lr`, `full` neither (warm-up only): the diagnosis found an
 embedding's delay nearly harmless, and the transformer's pipelined runs measured best with
@@ -54,22 +56,27 @@ class PipeMare(Compensation):
     def __init__(
         self, params: Sequence[Tensor], delay: int, optimizer: torch.optim.Optimizer, *, anneal: int | str = 500,
         warmup: int = 100, power: float = 1.0, pipeline_lr: float = 1.0, adamw: str = "scaled",
-        max_delay: int | None = None,
+        pipeline_warmup: int | None = None, max_delay: int | None = None,
     ) -> None:
         super().__init__(params, delay, optimizer)
         if anneal != "never" and (not isinstance(anneal, (int, float)) or anneal < 0):
             raise ValueError(f"anneal must be a number of ticks >= 0 or 'never', got {anneal!r}")
         if not isinstance(pipeline_lr, (int, float)) or not 0 < pipeline_lr <= 10:
             raise ValueError(f"pipeline_lr must be a factor in (0, 10], got {pipeline_lr!r}")
-        if pipeline_lr != 1.0 and max_delay is None:
-            raise ValueError("pipeline_lr needs the pipeline's largest delay (build it through the pipeline)")
+        for name, given in (("pipeline_lr", pipeline_lr != 1.0), ("pipeline_warmup", pipeline_warmup is not None)):
+            if given and max_delay is None:
+                raise ValueError(f"{name} needs the pipeline's largest delay (build it through the pipeline)")
+        if pipeline_warmup is not None and (not isinstance(pipeline_warmup, int) or pipeline_warmup < 0):
+            raise ValueError(f"pipeline_warmup must be a number of ticks >= 0, got {pipeline_warmup!r}")
         if adamw not in ADAMW_RULES:
             raise ValueError(f"adamw must be one of {', '.join(ADAMW_RULES)}, got {adamw!r}")
         self.adamw = adamw
         self.anneal = None if anneal == "never" else int(anneal)
-        self.warmup, self.power = int(warmup), float(power)
+        pipelined = (max_delay or 0) > 0
+        self.warmup = int(pipeline_warmup) if pipelined and pipeline_warmup is not None else int(warmup)
+        self.power = float(power)
         #: the factor on every stage of a pipeline with delays (1 in a synchronous run)
-        self.pipeline_factor = float(pipeline_lr) if (max_delay or 0) > 0 else 1.0
+        self.pipeline_factor = float(pipeline_lr) if pipelined else 1.0
         self.ticks = 0
 
     def step(self, closure=None) -> None:

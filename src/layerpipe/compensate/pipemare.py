@@ -1,24 +1,24 @@
 """(e) `pipemare`: PipeMare's annealed per-stage learning-rate rescaling, with warm-up, per tick.
 
-Stale gradients hurt most early, when the weights move fast. At tick t the wrapped
-optimizer's learning rate is multiplied by
+Stale gradients hurt most early, when the weights move fast. At tick t the wrapped optimizer's
+learning rate is multiplied by
 
     s_k(t) = min(1, (t + 1) / warmup) * max(1, d_k) ** -(power * (1 - min(1, t / anneal)))
 
 so a stage with delay d_k starts at lr / d_k ** power (power 1: PipeMare's lr / d_k) and
-reaches the full lr after `anneal` ticks (Yang et al., PipeMare, 2021); `anneal=never` keeps
-lr / d_k ** power for the whole run (what the transformer recipe measured best: the longer the
+reaches the full lr after `anneal` ticks (Yang et al., PipeMare, 2021); `anneal=never` keeps lr
+/ d_k ** power for the whole run (what the transformer recipe measured best: the longer the
 scaling lasted, the lower the pipelined loss). `pipeline_lr=f` multiplies the lr of every
 stage, the undelayed ones included, by f when the pipeline has any delay (a synchronous run,
 all delays 0, keeps its own lr): a pipelined run wants a lower lr than the synchronous best
 (the transformer: 0.75x). `pipeline_warmup=N`, likewise, sets the warm-up length (ticks) of a
 pipelined run, `warmup` staying that of a synchronous one (the transformer: sync is best with a
-short warm-up, 8 updates, its pipelined runs with 30 ticks). `adamw=` sets what the AdamW
-part of `muon` (its vectors, embeddings and output matrix) gets: `scaled` (the default) both factors like every group,
-`pipeline` only `pipeline_lr`, `full` neither (warm-up only): the diagnosis found an
-embedding's delay nearly harmless, and the transformer's pipelined runs measured best with
-the AdamW part at the full lr. The group's lr is restored after the step, so any outer schedule
-that sets it keeps working. No memory.
+short warm-up, 8 updates, its pipelined runs with 30 ticks). `adamw=` sets what the AdamW part
+of `muon` (its vectors, embeddings and output matrix) gets: `scaled` (the default) both factors
+like every group, `pipeline` only `pipeline_lr`, `full` neither (warm-up only): the diagnosis
+found an embedding's delay nearly harmless, and the transformer's pipelined runs measured best
+with the AdamW part at the full lr. The group's lr is restored after the step, so any outer
+schedule that sets it keeps working. No memory.
 """
 from __future__ import annotations
 

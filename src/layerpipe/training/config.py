@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from layerpipe.compensate import parse_spec
 from layerpipe.errors import LayerpipeError
 from layerpipe.plan import SCHEDULES, parse_stages
 from layerpipe.weights import strategy_names
@@ -165,7 +166,7 @@ class TrainConfig:
         every = self.accumulation(max_delay, replicas)
         if every == 1:
             return list(self.compensation)
-        if any(str(c).split(":")[0].strip() == "accumulate" for c in self.compensation):
+        if any(parse_spec(c)[0] == "accumulate" for c in self.compensation):
             raise LayerpipeError(f"--max-stale-samples {self.max_stale_samples} accumulates {every} microbatches "
                                  "per update already; drop the accumulate compensation or pass --max-stale-samples 0")
         return [*self.compensation, f"accumulate:every={every}"]

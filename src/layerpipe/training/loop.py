@@ -162,12 +162,12 @@ def _train(engine: Engine, data, config: TrainConfig, run_dir, progress: bool, s
     # what exact stashing would hold with this partition (also reported for sync and ema runs)
     stash_delays = stage_delays(len(engine.stage_sizes), config.schedule)
     microbatch = config.microbatch(max(engine.delays), engine.dp)
-    if microbatch != config.batch_size and main:
+    accumulation = config.accumulation(max(engine.delays), engine.dp)
+    if accumulation > 1 and main:
         log.info("microbatch %d, %d per update (--batch-size %d): the largest delay, %d ticks, keeps the oldest "
-                 "gradient within --max-stale-samples %d", microbatch, config.batch_size // microbatch,
-                 config.batch_size, max(engine.delays), config.max_stale_samples)
-    result = TrainResult(config.to_dict(), engine.stage_sizes, engine.delays, microbatch,
-                         accumulation=config.batch_size // microbatch,
+                 "gradient within --max-stale-samples %d", microbatch, accumulation, config.batch_size,
+                 max(engine.delays), config.max_stale_samples)
+    result = TrainResult(config.to_dict(), engine.stage_sizes, engine.delays, microbatch, accumulation=accumulation,
                          stash_bytes=sum(d * b for d, b in zip(stash_delays, engine.stage_parameter_bytes)),
                          parameter_bytes=sum(engine.stage_parameter_bytes))
     shared = engine.share("run_dir", str(run_dir) if run_dir else "")  # rank 0's folder everywhere

@@ -8,7 +8,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from layerpipe.compensate import parse_spec
 from layerpipe.errors import LayerpipeError
 from layerpipe.plan import SCHEDULES, parse_stages
 from layerpipe.weights import strategy_names
@@ -163,13 +162,8 @@ class TrainConfig:
     def run_compensation(self, max_delay: int, replicas: int = 1) -> list[str]:
         """The compensation specs a run with these delays builds: the configured ones, and the
         gradient accumulation of `accumulation` (innermost: see `layerpipe.compensate`)."""
-        every = self.accumulation(max_delay, replicas)
-        if every == 1:
-            return list(self.compensation)
-        if any(parse_spec(c)[0] == "accumulate" for c in self.compensation):
-            raise LayerpipeError(f"--max-stale-samples {self.max_stale_samples} accumulates {every} microbatches "
-                                 "per update already; drop the accumulate compensation or pass --max-stale-samples 0")
-        return [*self.compensation, f"accumulate:every={every}"]
+        every = self.accumulation(max_delay, replicas)  # an accumulate of the user's is refused on construction
+        return [*self.compensation, f"accumulate:every={every}"] if every > 1 else list(self.compensation)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

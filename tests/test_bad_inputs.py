@@ -73,6 +73,8 @@ CLI_CASES = [
     ("stages-zero", TRAIN + ["--stages", "0"], "--stages must be a positive number"),
     ("stages-too-many", TRAIN + ["--stages", "50"], "stage"),
     ("stages-sum", TRAIN + ["--stages", "1,1"], "layer"),
+    ("stages-more-than-layers", ["train", "--model", "gpt", "--samples", "50", "--model-option", "n_layer=1",
+                                 "--run-dir", "{tmp}"], "every stage needs at least one layer"),
     ("timeout-zero", TRAIN + ["--nproc", "2", "--stages", "2", "--timeout", "0", "--run-dir", "{tmp}"], "--timeout"),
     ("timeout-nan", TRAIN + ["--nproc", "2", "--stages", "2", "--timeout", "nan", "--run-dir", "{tmp}"], "--timeout"),
     ("nproc-zero", TRAIN + ["--nproc", "0"], "--nproc must be at least 1"),
@@ -133,6 +135,8 @@ def test_cli_bad_input_is_one_line(argv, fragment, places, capsys):
     assert fragment in lines[0], lines[0]
     # nothing good lost: the files already there are untouched
     assert Path(places["file"]).read_text() == "keep me\n"
+    # and nothing left behind: no empty run folder for a run that never started
+    assert not Path(places["tmp"]).exists() or any(Path(places["tmp"]).iterdir())
     assert (Path(places["run"]) / "metrics.jsonl").read_text() == '{"header": true}\n'
     assert (Path(places["results"]) / "results.md").read_text() == "# earlier results\n"
     assert not Path(places["tmp"]).exists()  # refused before any output (no empty run folder)

@@ -56,7 +56,6 @@ def default_run_dir(model: str, weights: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from layerpipe.errors import LayerpipeError
-    from layerpipe.training import train
 
     world = _world()
     nproc = getattr(args, "nproc", None)
@@ -85,8 +84,29 @@ def run(args: argparse.Namespace) -> int:
         from layerpipe.training.engines import check_stage_count
 
         check_stage_count(parse_stages(config.stages), processes, dp=dp)
+    made_here = rank0 and not os.environ.get(WORKER_ARGS_ENV) and not run_dir.exists()
     if rank0 and not os.environ.get(WORKER_ARGS_ENV):  # a launched child: the launcher checked
         check_outputs(args, run_dir)
+    try:
+        return _run(args, config, run_dir, world, distributed, nproc, dp, rank0)
+    except BaseException:
+        if made_here:  # bad input found once the model is built: no empty folder left behind
+            _remove_if_empty(run_dir)
+        raise
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only succeeds on an empty folder
+    except OSError:
+        pass
+
+
+def _run(args: argparse.Namespace, config, run_dir: Path, world, distributed: bool, nproc, dp: int,
+         rank0: bool) -> int:
+    """Train (or launch the processes that do) once the run folder is checked."""
+    from layerpipe.training import train
+
     if distributed and world is None and nproc > 1:
         return _launch(args, config, run_dir)
     if not args.json and rank0:

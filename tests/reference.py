@@ -84,3 +84,98 @@ class AccumulatingOptimizer:
                 p.grad = s / self.every
             self.inner.step()
             self.sum, self.count = None, 0
+
+
+def _mlp_forward(stage, x):
+    """Forward of a stage of nn.Linear / nn.Tanh layers; returns (output, per-layer inputs)."""
+    inputs, h = [], x
+    for layer in stage:
+        inputs.append(h)
+        h = layer(h)
+    return h, inputs
+
+
+def _mlp_backward(stage, inputs, g, weights):
+    """Hand-written backward of `_mlp_forward`: the activations are the forward's, each Linear's
+    input gradient uses `weights[name]` (the backward's weights). Returns (input grad, {name: grad})."""
+    grads = {}
+    for (key, layer), x in reversed(list(zip(stage._modules.items(), inputs))):
+        if isinstance(layer, torch.nn.Tanh):
+            y = torch.tanh(x)
+            g = g * (1 - y * y)
+        elif isinstance(layer, torch.nn.Linear):
+            grads[f"{key}.weight"] = g.t() @ x
+            grads[f"{key}.bias"] = g.sum(0)
+            g = g @ weights[f"{key}.weight"]
+        else:
+            raise TypeError(f"the reference knows Linear and Tanh only, not {type(layer).__name__}")
+    return g, grads
+
+
+def delayed_sgd_rebuilt(model, stage_sizes, delays, batches, optimizer_factory, loss_fn, alphas=None):
+    """Delayed SGD whose backward runs on LayerPipe2's reconstruction, written out plainly for an
+    MLP of Linear and Tanh layers: stage k's backward of microbatch m, at tick m + k + d_k, uses
+    the activations of its forward (at tick m + k) and, for each weight, W_now - n * u_hat: n the
+    updates stage k applied since that forward, u the EMA (decay alpha_k = 2 / (d_k + 1) unless
+    `alphas` says otherwise) of the updates it applied, started at 0, u_hat = u / (1 - (1 -
+    alpha)^s) after s updates. Same tick semantics as `delayed_sgd`. Returns (trained copy, losses)."""
+    model = copy.deepcopy(model)
+    bounds, start = [], 0
+    for n in stage_sizes:
+        bounds.append((start, start + n))
+        start += n
+    stages = [model[a:b] for a, b in bounds]
+    params = [dict(s.named_parameters()) for s in stages]
+    opts = [optimizer_factory(list(p.values())) if p else None for p in params]
+    alphas = alphas or [2.0 / (d + 1) for d in delays]
+    K, M = len(stages), len(batches)
+    updates = [0] * K  # updates applied so far, per stage
+    avg = [{n: torch.zeros_like(p) for n, p in params[k].items()} for k in range(K)]
+    fwd_version: dict[tuple[int, int], int] = {}
+    acts: dict[tuple[int, int], list] = {}
+    outs: dict[tuple[int, int], torch.Tensor] = {}
+    grad_in: dict[tuple[int, int], torch.Tensor] = {}
+    losses = {}
+    t = 0
+    with torch.no_grad():
+        while True:
+            # forwards of this tick, on the weights at its start (before its updates)
+            for k in range(K):
+                m = t - k
+                if 0 <= m < M:
+                    x = batches[m][0] if k == 0 else outs[(m, k - 1)]
+                    outs[(m, k)], acts[(m, k)] = _mlp_forward(stages[k], x)
+                    fwd_version[(m, k)] = updates[k]
+            due = [(k, t - k - delays[k]) for k in range(K) if 0 <= t - k - delays[k] < M]
+            if not due and t >= M + K + max(delays):
+                break
+            for k, m in sorted(due, reverse=True):  # a later stage's backward feeds an earlier one's
+                if k == K - 1:
+                    logits = outs[(m, k)].detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        loss = loss_fn(logits, batches[m][1])
+                        (g,) = torch.autograd.grad(loss, [logits])
+                    losses[m] = loss.item()
+                else:
+                    g = grad_in.pop((m, k + 1))
+                n, s, a = updates[k] - fwd_version[(m, k)], updates[k], alphas[k]
+                if n and s:
+                    correction = 1 - (1 - a) ** s
+                    weights = {name: p - n * avg[k][name] / correction for name, p in params[k].items()}
+                else:
+                    weights = {name: p.clone() for name, p in params[k].items()}
+                g_in, grads = _mlp_backward(stages[k], acts.pop((m, k)), g, weights)
+                grad_in[(m, k)] = g_in
+                if not params[k]:
+                    continue
+                before = {name: p.clone() for name, p in params[k].items()}
+                for name, p in params[k].items():
+                    p.grad = grads[name]
+                with torch.enable_grad():
+                    opts[k].step()
+                for name, p in params[k].items():
+                    p.grad = None
+                    avg[k][name] = (1 - a) * avg[k][name] + a * (p - before[name])
+                updates[k] += 1
+            t += 1
+    return model, [losses[m] for m in range(M)]

@@ -99,25 +99,22 @@ def test_stage_without_parameters(name):
     assert pipe.stages[1].strategy.history_bytes() == 0
 
 
-def test_scratch_pool_lends_one_tensor_per_parameter_and_reuses_them():
-    """The ema rebuild's scratch: one tensor per parameter, each owning its storage (the engine
-    swaps it into the parameter), lent again by shape once given back; the pool keeps at most
-    twice the largest set lent at once; tensors under FRESH_BYTES are not lent (a fresh
-    allocation is cheaper)."""
-    from layerpipe.engine.saved import owns_storage
-    from layerpipe.weights.flat import FRESH_BYTES, ScratchPool
-
-    pool = ScratchPool()
-    big = [torch.zeros(400, 100), torch.zeros(300)]
-    lent = pool.take(big)
-    assert [t.shape for t in lent] == [p.shape for p in big] and all(owns_storage(t) for t in lent)
-    assert lent[0].untyped_storage().data_ptr() != lent[1].untyped_storage().data_ptr()
-    pool.give(lent)
-    again = pool.take(big)
-    assert [t.untyped_storage().data_ptr() for t in again] == [t.untyped_storage().data_ptr() for t in lent]
-    pool.give(again)
-    others = [pool.take([torch.zeros(500 + i, 100)]) for i in range(3)]  # other shapes, held at once
-    for t in others:
-        pool.give(t)
-    assert pool._kept <= 2 * pool._largest
-    assert pool.lends(torch.zeros(FRESH_BYTES // 4)) and not pool.lends(torch.zeros(FRESH_BYTES // 4 - 1))
+@pytest.mark.parametrize("schedule", ["layerpipe", "pipedream"])
+def test_ema_backward_in_the_steady_state_reads_its_buffer_as_it_is(schedule):
+    """The rebuild for n = d_k updates back is kept in the buffer itself by the updates, so the
+    steady state's backward takes it without a pass (the speed of `ema`); another n gets new
+    tensors and leaves the buffer untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+    pipe = Pipeline(model, stages=4, weights="ema", schedule=schedule,
+                    optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9))
+    for _ in range(20):
+        pipe.step(torch.randn(4, 8), torch.randint(0, 8, (4,)))
+    for stage in pipe.stages[:-1]:
+        s = stage.strategy
+        assert s.backward_weights(s.version - s.delay) is s._avg.views
+        before = [t.clone() for t in s._avg.views]
+        other = s.backward_weights(s.version - s.delay + 1) if s.delay > 1 else None
+        if other is not None:
+            assert other is not s._avg.views
+            assert all(torch.equal(a, b) for a, b in zip(before, s._avg.views))

@@ -10,12 +10,20 @@ buffer per parameter of stages with d_k > 0, so at most |W| whatever the depth. 
 applied updates, not gradients, so it works with any optimizer.
 
 How u is kept (same numbers up to float rounding, ~1e-7 relative): for 32- and 64-bit
-weights, as an EMA of the weights themselves, E <- (1 - alpha) E + alpha W(t+1), started at
-E = W when the first update comes. Then u = alpha / (1 - alpha) (W - E) exactly (both obey
-the same recursion), so one pass over |W| after each optimizer step keeps it (u itself
-needs one before and one after: the step overwrites W(t) in place), and the rebuilt weights
-are one lerp, W_then = W + c (E - W), c = n alpha / ((1 - alpha) (1 - beta^t)). 16-bit
-weights (E would round away small updates) and alpha = 1 (d = 1) keep u itself.
+weights, through E, the EMA of the weights themselves, E <- (1 - alpha) E + alpha W(t+1),
+started at E = W when the first update comes. Then u = alpha / (1 - alpha) (W - E) exactly
+(both obey the same recursion), and the rebuilt weights are R = W + c (E - W), c = n alpha /
+((1 - alpha) (1 - beta^t)). The buffer holds R itself, for the n the next backward is expected
+to need (n = d_k, the steady state), so the backward reads it as it is, and two passes in place
+keep it per update: before the optimizer step R <- lerp(R, W, 1 - 1/c) (back to E), after it R <-
+lerp(R, W, 1 - c' (1 - alpha)) (the EMA update and the next rebuild in one). In-place passes
+cost less than writing the rebuild out of place each backward (`benchmarks/ema_passes.py`:
+the passes 0.6-0.8x the time on this CPU). A backward at another n (the pipeline filling, a
+tied parameter's other user) gets new tensors: the buffer's values never depend on who read it,
+so one process and a pipeline of processes compute the same numbers.
+With alpha = 1 (d = 1) the average is the last update, and the buffer is simply the weights
+before it (exact). 16-bit weights with alpha < 1 (E would round small updates away) keep u
+itself and rebuild into new tensors.
 """
 from __future__ import annotations
 
@@ -26,8 +34,11 @@ import torch
 from torch import Tensor
 
 from layerpipe.weights.base import WeightStrategy
-from layerpipe.weights.flat import SCRATCH, FlatBuffer
+from layerpipe.weights.flat import FlatBuffer
 from layerpipe.weights.registry import register_strategy
+
+#: what the buffer of a delayed stage holds (module docstring)
+REBUILT, PREVIOUS, UPDATES = "rebuilt", "previous", "updates"
 
 
 @register_strategy
@@ -46,21 +57,23 @@ class UpdateEMA(WeightStrategy):
         super().__init__(params, delay, optimizer)
         self.alpha = alpha if alpha is not None else 2.0 / (delay + 1)
         self.steps = 0  # updates folded into the average, for bias correction
+        if self.alpha >= 1.0:
+            self.mode = PREVIOUS
+        elif any(p.element_size() < 4 for p in self.params):
+            self.mode = UPDATES
+        else:
+            self.mode = REBUILT
+        #: True: the average lives in E, the EMA of the weights (REBUILT); False: in u itself
+        self.of_weights = self.mode == REBUILT
         self._before: list[Tensor] | None = None
-        self._lent: list[Tensor] | None = None  # the scratch tensors of the last rebuild, until release
-        self._exact_delta = any(p.element_size() < 4 for p in self.params)
-        #: True: the buffer holds E, the EMA of the weights; False: u, the EMA of updates
-        self.of_weights = not self._exact_delta and self.alpha < 1.0
-        # a stage whose backward runs in the tick of its forward (d = 0) never needs history
-        self._avg = FlatBuffer(self.params, zero=True) if delay > 0 and self.params else None
-        # the rebuild: large tensors into lent scratch (no page faults), small ones fresh, in
-        # one foreach kernel (the Python of a lending per small tensor costs more)
-        lends = [SCRATCH.lends(p) for p in self.params]
-        self._lent_index = [i for i, lent in enumerate(lends) if lent] if self._avg is not None else []
-        self._fresh_index = [i for i, lent in enumerate(lends) if not lent]
+        # a stage whose backward runs in the tick of its forward (d = 0) never needs history;
+        # one tensor per parameter (the engine swaps its storage into the parameter's)
+        self._avg = FlatBuffer(self.params, zero=True, separate=True) if delay > 0 and self.params else None
+        #: REBUILT: the buffer holds W + c (E - W) for this c (1: E itself)
+        self._c = 1.0
 
     def _scale(self, n: float) -> float:
-        """n * u_hat = scale * u (kept u) or scale * (E - W) (kept E)."""
+        """n * u_hat = scale * u (kept u) or scale * (E - W) (kept E): scale = -c."""
         correction = 1.0 - (1.0 - self.alpha) ** self.steps
         if self.of_weights:
             return -n * self.alpha / ((1.0 - self.alpha) * correction)
@@ -70,32 +83,19 @@ class UpdateEMA(WeightStrategy):
         n = self.version - version
         if n == 0 or self._avg is None or self.steps == 0:
             return self.params
-        scale = -self._scale(n)
-        params, avg = self.params, self._avg.views
-        if not self._lent_index:  # one foreach kernel per dtype group
-            if self.of_weights:
-                return torch._foreach_lerp(params, avg, scale)
-            return torch._foreach_add(params, avg, alpha=scale)
-        out: list[Tensor] = [params[0]] * len(params)
-        if self._fresh_index:
-            ps, avs = [params[i] for i in self._fresh_index], [avg[i] for i in self._fresh_index]
-            fresh = torch._foreach_lerp(ps, avs, scale) if self.of_weights else torch._foreach_add(ps, avs, alpha=scale)
-            for i, r in zip(self._fresh_index, fresh):
-                out[i] = r
-        self._lent = SCRATCH.take([params[i] for i in self._lent_index])  # a transient copy, not history
-        # one pass per tensor, written in place (foreach ops have no out= on the CPU)
-        for i, r in zip(self._lent_index, self._lent):
-            if self.of_weights:
-                torch.lerp(params[i], avg[i], scale, out=r)
-            else:
-                torch.add(params[i], avg[i], alpha=scale, out=r)
-            out[i] = r
-        return out
-
-    def release(self, version: int) -> None:
-        if self._lent is not None:  # the backward that read the rebuilt weights is done
-            SCRATCH.give(self._lent)
-            self._lent = None
+        params, buf = self.params, self._avg.views
+        if self.mode == REBUILT:
+            c = -self._scale(n)
+            if c == self._c:  # the steady state: n = d_k
+                return buf
+            # another n (the pipeline filling, a tied parameter's other user): new tensors,
+            # the buffer untouched, so its values never depend on who read it
+            return torch._foreach_lerp(params, buf, c / self._c)
+        if self.mode == PREVIOUS and n == 1:
+            return buf
+        if self.mode == PREVIOUS:  # W - n (W - W_prev): more than one update back (not in a steady pipeline)
+            return torch._foreach_lerp(params, buf, float(n))
+        return torch._foreach_add(params, buf, alpha=-self._scale(n))
 
     def shift_(self, targets: list[Tensor], n: float) -> bool:
         """targets += n * u_hat, in place; `targets` must alias the live weights (`params`).
@@ -103,8 +103,10 @@ class UpdateEMA(WeightStrategy):
         weights n updates ahead from this average (zero extra bytes)."""
         if self._avg is None or self.steps == 0:
             return False
-        if self.of_weights:
-            torch._foreach_lerp_(targets, self._avg.views, self._scale(n))
+        if self.mode == REBUILT:  # E - W = (buffer - W) / c
+            torch._foreach_lerp_(targets, self._avg.views, self._scale(n) / self._c)
+        elif self.mode == PREVIOUS:  # u = W - W_prev
+            torch._foreach_lerp_(targets, self._avg.views, -float(n))
         else:
             torch._foreach_add_(targets, self._avg.views, alpha=self._scale(n))
         return True
@@ -112,30 +114,34 @@ class UpdateEMA(WeightStrategy):
     def before_update(self) -> None:
         if self._avg is None:
             return
-        if self.of_weights:
-            if self.steps == 0:  # E starts at the weights: no update averaged yet, u = 0
-                self._avg.copy_from(self.params)
-        elif self._exact_delta:
+        if self.mode == PREVIOUS:
+            self._avg.copy_from(self.params)
+        elif self.mode == UPDATES:
             # transient copy of W(t): 16-bit weights need the exact dW = W(t+1) - W(t)
             self._before = torch._foreach_mul(self.params, 1.0)
-        else:
-            # u <- (1 - alpha) u - alpha W(t), completed after the step by + alpha W(t+1)
-            torch._foreach_mul_(self._avg.views, 1.0 - self.alpha)
-            torch._foreach_add_(self._avg.views, self.params, alpha=-self.alpha)
+        elif self.steps == 0:  # E starts at the weights: no update averaged yet, u = 0
+            self._avg.copy_from(self.params)
+            self._c = 1.0
+        elif self._c != 1.0:  # back to E while W is still W(t)
+            torch._foreach_lerp_(self._avg.views, self.params, 1.0 - 1.0 / self._c)
+            self._c = 1.0
 
     def after_update(self) -> None:
         super().after_update()
         if self._avg is None:
             return
-        if self.of_weights:
-            torch._foreach_lerp_(self._avg.views, self.params, self.alpha)
-        elif self._before is not None:
+        self.steps += 1
+        if self.mode == UPDATES:
+            assert self._before is not None
             delta = torch._foreach_sub(self.params, self._before)
             self._before = None
             torch._foreach_lerp_(self._avg.views, delta, self.alpha)
-        else:
-            torch._foreach_add_(self._avg.views, self.params, alpha=self.alpha)
-        self.steps += 1
+        elif self.mode == REBUILT:
+            # E' = lerp(E, W, alpha), then W + c (E' - W) = lerp(E, W, 1 - c (1 - alpha)): one
+            # pass, for the n of the steady state, d_k updates since the forward
+            c = -self._scale(self.delay)
+            torch._foreach_lerp_(self._avg.views, self.params, 1.0 - c * (1.0 - self.alpha))
+            self._c = c
 
     @staticmethod
     def history_versions(delay: int) -> int:
@@ -144,13 +150,22 @@ class UpdateEMA(WeightStrategy):
     def history_bytes(self) -> int:
         return self._avg.nbytes if self._avg is not None else 0
 
+    def _weight_average(self) -> list[Tensor]:
+        """REBUILT: E, as new tensors."""
+        assert self._avg is not None
+        if self._c == 1.0:
+            return self._avg.state()
+        return torch._foreach_lerp(self._avg.views, self.params, 1.0 - 1.0 / self._c)
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["steps"] = self.steps
         if self._avg is not None:
             state["avg"] = self.update_average()
-            if self.of_weights:  # E itself too: a resumed run continues bit for bit
-                state["weight_avg"] = self._avg.state()
+            if self.mode == REBUILT and self.steps:  # the buffer as it is: a resumed run continues bit for bit
+                state["rebuilt"], state["rebuilt_c"] = self._avg.state(), self._c
+            if self.mode == PREVIOUS and self.steps:
+                state["previous"] = self._avg.state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -158,9 +173,19 @@ class UpdateEMA(WeightStrategy):
         self.steps = int(state["steps"])
         if self._avg is None:
             return
-        if not self.of_weights:
+        self._c = 1.0
+        if self.mode == UPDATES:
             self._avg.load_state(state["avg"])
-        elif "weight_avg" in state:
+        elif self.mode == PREVIOUS:
+            if "previous" in state:
+                self._avg.load_state(state["previous"])
+            else:  # a checkpoint that kept u: W_prev = W - u
+                u = [t.to(w.device) for t, w in zip(state["avg"], self.params)]
+                self._avg.copy_from(torch._foreach_sub(self.params, u))
+        elif "rebuilt" in state:
+            self._avg.load_state(state["rebuilt"])
+            self._c = float(state["rebuilt_c"])
+        elif "weight_avg" in state:  # an older checkpoint: E
             self._avg.load_state(state["weight_avg"])
         else:  # a checkpoint that kept u: E = W - (1 - alpha) / alpha u
             u = [t.to(w.device) for t, w in zip(state["avg"], self.params)]
@@ -169,8 +194,10 @@ class UpdateEMA(WeightStrategy):
     def update_average(self) -> list[Tensor]:
         """u, the EMA of applied updates (not bias-corrected), as new tensors."""
         assert self._avg is not None
-        if not self.of_weights:
+        if self.mode == UPDATES:
             return self._avg.state()
-        if self.steps == 0:  # E is not set before the first update
+        if self.steps == 0:  # nothing averaged before the first update
             return [torch.zeros_like(w) for w in self.params]
-        return torch._foreach_mul(torch._foreach_sub(self.params, self._avg.views), self.alpha / (1.0 - self.alpha))
+        if self.mode == PREVIOUS:
+            return torch._foreach_sub(self.params, self._avg.views)
+        return torch._foreach_mul(torch._foreach_sub(self.params, self._weight_average()), self.alpha / (1.0 - self.alpha))

@@ -97,25 +97,29 @@ def measure(width: int, layers: int, batch: int, repeats: int):
 
 def strategy_update(name: str, params: list) -> Callable[[], None]:
     """One update's bookkeeping of the library's own weight strategy `name` on a stage with
-    delay 2, without the optimizer step: record a forward, wrap the step, give the backward
-    its weights and release them (stash: a copy into a reused buffer; ema: the EMA pass and the
-    reconstruction into the reused scratch block), what the runtime adds per update."""
+    delay 2, without the optimizer step, in the pipeline's steady state: record a forward,
+    give the backward of the forward 2 updates back its weights and release them, wrap the
+    step (stash: a copy into a reused buffer; ema: its two in-place passes, the backward
+    reading the buffer), what the runtime adds per update."""
+    from collections import deque
+
     from layerpipe.weights import strategy_class
 
-    strategy = strategy_class(name)(params, 2)
-    for _ in range(3):  # past the start (ema's first update only initialises its average)
-        version = strategy.record_forward()
-        strategy.before_update()
-        strategy.after_update()
-        strategy.release(version)
+    delay = 2
+    strategy = strategy_class(name)(params, delay)
+    pending: deque[int] = deque()
 
     def one() -> None:
-        version = strategy.record_forward()
+        pending.append(strategy.record_forward())
+        if len(pending) > delay:  # the backward of the forward `delay` ticks back
+            version = pending.popleft()
+            strategy.backward_weights(version)
+            strategy.release(version)
         strategy.before_update()
         strategy.after_update()
-        strategy.backward_weights(version)
-        strategy.release(version)
 
+    for _ in range(delay + 3):  # past the start (ema's first update only initialises its average)
+        one()
     return one
 
 

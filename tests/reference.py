@@ -26,16 +26,23 @@ def plain_training(model, batches, optimizer_factory, loss_fn, epochs=1):
     return losses
 
 
-def delayed_sgd(model, stage_sizes, delays, batches, optimizer_factory, loss_fn):
-    """Train a deep copy of `model`; return (trained copy, losses in microbatch order)."""
+def _split_copy(model, stage_sizes, optimizer_factory):
+    """A deep copy of `model`, its stages (slices of `stage_sizes` layers), their parameters by
+    name and one optimizer per stage with parameters."""
     model = copy.deepcopy(model)
     bounds, start = [], 0
     for n in stage_sizes:
         bounds.append((start, start + n))
         start += n
-    modules = [model[a:b] for a, b in bounds]
-    params = [dict(m.named_parameters()) for m in modules]
+    stages = [model[a:b] for a, b in bounds]
+    params = [dict(s.named_parameters()) for s in stages]
     opts = [optimizer_factory(list(p.values())) if p else None for p in params]
+    return model, stages, params, opts
+
+
+def delayed_sgd(model, stage_sizes, delays, batches, optimizer_factory, loss_fn):
+    """Train a deep copy of `model`; return (trained copy, losses in microbatch order)."""
+    model, modules, params, opts = _split_copy(model, stage_sizes, optimizer_factory)
     K, M = len(modules), len(batches)
     history: list[list[dict]] = [[] for _ in range(K)]  # history[k][t]: W_k at the start of tick t
     losses = {}
@@ -119,14 +126,7 @@ def delayed_sgd_rebuilt(model, stage_sizes, delays, batches, optimizer_factory, 
     updates stage k applied since that forward, u the EMA (decay alpha_k = 2 / (d_k + 1) unless
     `alphas` says otherwise) of the updates it applied, started at 0, u_hat = u / (1 - (1 -
     alpha)^s) after s updates. Same tick semantics as `delayed_sgd`. Returns (trained copy, losses)."""
-    model = copy.deepcopy(model)
-    bounds, start = [], 0
-    for n in stage_sizes:
-        bounds.append((start, start + n))
-        start += n
-    stages = [model[a:b] for a, b in bounds]
-    params = [dict(s.named_parameters()) for s in stages]
-    opts = [optimizer_factory(list(p.values())) if p else None for p in params]
+    model, stages, params, opts = _split_copy(model, stage_sizes, optimizer_factory)
     alphas = alphas or [2.0 / (d + 1) for d in delays]
     K, M = len(stages), len(batches)
     updates = [0] * K  # updates applied so far, per stage

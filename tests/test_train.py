@@ -216,18 +216,18 @@ def test_one_process_moves_inputs_and_labels_to_the_device(monkeypatch):
 
 
 def test_max_stale_samples_picks_the_largest_microbatch_within_the_bound():
-    # the transformer's recipe: 4 sequences, at most 8 samples of staleness
+    # the transformer's recipe: 4 sequences, at most 4 samples of staleness
     gpt = TrainConfig(model="gpt", stages="8", weights="ema")
-    assert (gpt.batch_size, gpt.max_stale_samples) == (4, 8)
-    assert [gpt.microbatch(d) for d in (0, 1, 2, 3, 4, 5, 7, 9)] == [4, 4, 4, 2, 2, 1, 1, 1]
-    assert gpt.microbatch(2, replicas=2) == 2  # 2 replicas: 2 x 2 x 2 = 8 <= 8
+    assert (gpt.batch_size, gpt.max_stale_samples) == (4, 4)
+    assert [gpt.microbatch(d) for d in (0, 1, 2, 3, 4, 5, 7, 9)] == [4, 4, 2, 1, 1, 1, 1, 1]
+    assert gpt.microbatch(1, replicas=2) == 2  # 2 replicas: 1 x 2 x 2 = 4 <= 4
     # a microbatch the user gives is kept at every depth, unless they also bound staleness
     assert TrainConfig(model="gpt", stages="8", batch_size=4).microbatch(7) == 4
     # a divisor of the batch: 16 // 3 = 5 samples allowed, so 4, two of them per update
     eight = TrainConfig(model="gpt", stages="8", batch_size=8, max_stale_samples=16)
     assert (eight.microbatch(3), eight.accumulation(3)) == (4, 2)
-    assert [gpt.accumulation(d) for d in (0, 2, 3, 7)] == [1, 1, 2, 4]
-    assert gpt.run_compensation(7)[-1] == "accumulate:every=4" and gpt.run_compensation(2) == gpt.compensation
+    assert [gpt.accumulation(d) for d in (0, 1, 2, 3, 7)] == [1, 1, 2, 4, 4]
+    assert gpt.run_compensation(7)[-1] == "accumulate:every=4" and gpt.run_compensation(1) == gpt.compensation
     assert TrainConfig(**SMALL).max_stale_samples == 0 and TrainConfig(**SMALL).microbatch(6) == 32
 
 

@@ -28,19 +28,19 @@ RECIPES: dict[str, dict[str, Any]] = {
     "resnet18": dict(epochs=5, batch_size=64, optimizer="sgd", lr=0.05, threads=0),
     "snn": dict(epochs=25, batch_size=64, optimizer="adam", lr=3e-3, threads=1),
     # the transformer: Muon on the hidden matrices (AdamW on the rest) at 1.6e-2, momentum 0.9
-    # (sync's best), a per-microbatch cosine after a linear warm-up (8 ticks for sync, 30 for a
-    # pipeline: each measured best), PipeMare's lr / d_k on the delayed stages for the
-    # whole run (not on the AdamW part: embeddings, vectors, output layer, at the full lr),
+    # (sync's best), a per-microbatch cosine after a linear warm-up (8 updates for sync, 120
+    # ticks for a pipeline: each measured best), PipeMare's lr / d_k on the delayed stages for
+    # the whole run (not on the AdamW part: embeddings, vectors, output layer, at the full lr),
     # less momentum there, set by depth (0.5 at 4 stages: a delay acts as momentum already;
-    # 0.9, no less, at 8, where the microbatch is one sequence), the 1F1B timing (delays S(k),
-    # half LayerPipe's 2 S(k)), and batches of 4 sequences per update (sync's best on the
-    # default data), in a pipeline split into microbatches so that no gradient is more than 8
-    # sequences stale (2 at 4 stages, 1 at 8), their gradients accumulated into one update:
-    # the best measured recipe, synchronous and pipelined (docs/results.md, "Transformer")
+    # 0.9, no less, at 8), the 1F1B timing (delays S(k), half LayerPipe's 2 S(k)), and
+    # batches of 4 sequences per update (sync's best on the default data), in a pipeline split
+    # into microbatches so that no gradient is more than one batch (4 sequences) stale (1 at 4
+    # and 8 stages, 2 at 3), their gradients accumulated into one update: the best measured
+    # recipe, synchronous and pipelined (docs/results.md, "Transformer")
     "gpt": dict(epochs=2, batch_size=4, optimizer="adamw", lr=1.6e-2, threads=0, lr_schedule="cosine-step",
-                schedule="pipedream", max_stale_samples=8,
+                schedule="pipedream", max_stale_samples=4,
                 compensation=["muon:momentum=0.9,delayed_momentum=depth",
-                              "pipemare:anneal=never,warmup=8,pipeline_warmup=30,pipeline_lr=0.75,adamw=full"]),
+                              "pipemare:anneal=never,warmup=8,pipeline_warmup=120,pipeline_lr=0.75,adamw=full"]),
 }
 _FALLBACK_RECIPE = dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3, threads=0)
 #: settings every recipe has unless it says otherwise

@@ -40,8 +40,8 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
                    help="pipelined runs: split each batch into microbatches (a divisor of --batch-size, never "
                         "below 1) so that the oldest gradient is at most N samples stale (largest delay x "
                         "microbatch), their gradients accumulated into one update; 0: one microbatch per batch "
-                        "at every depth (default: the model's recipe when --batch-size is not given: 8 for gpt, "
-                        "i.e. batches of 4 sequences whole up to 3 stages, in 2 microbatches at 4-5 stages, in 4 "
+                        "at every depth (default: the model's recipe when --batch-size is not given: 4 for gpt, "
+                        "i.e. batches of 4 sequences whole at 2 stages, in 2 microbatches at 3 stages, in 4 "
                         "deeper; else 0)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="optimizer (default: the model's recipe)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's recipe)")

@@ -13,7 +13,7 @@ stage, the undelayed ones included, by f when the pipeline has any delay (a sync
 all delays 0, keeps its own lr): a pipelined run wants a lower lr than the synchronous best
 (the transformer: 0.75x). `pipeline_warmup=N`, likewise, sets the warm-up length (ticks) of a
 pipelined run, `warmup` staying that of a synchronous one (the transformer: sync is best with a
-short warm-up, 8 updates, its pipelined runs with 30 ticks). `adamw=` sets what the AdamW part
+short warm-up, 8 updates, its pipelined runs with 120 ticks). `adamw=` sets what the AdamW part
 of `muon` (its vectors, embeddings and output matrix) gets: `scaled` (the default) both factors
 like every group, `pipeline` only `pipeline_lr`, `full` neither (warm-up only): the diagnosis
 found an embedding's delay nearly harmless, and the transformer's pipelined runs measured best

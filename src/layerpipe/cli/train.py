@@ -84,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
         from layerpipe.training.engines import check_stage_count
 
         check_stage_count(parse_stages(config.stages), processes, dp=dp)
-    made_here = rank0 and not os.environ.get(WORKER_ARGS_ENV) and not run_dir.exists()
-    if rank0 and not os.environ.get(WORKER_ARGS_ENV):  # a launched child: the launcher checked
+    checks_outputs = rank0 and not os.environ.get(WORKER_ARGS_ENV)  # a launched child: the launcher checked
+    made_here = checks_outputs and not run_dir.exists()
+    if checks_outputs:
         check_outputs(args, run_dir)
     try:
         return _run(args, config, run_dir, world, distributed, nproc, dp, rank0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from layerpipe.compensate import parse_spec
 from layerpipe.errors import LayerpipeError
 
 
@@ -38,7 +39,7 @@ def _check_numbers(c: Any) -> None:
             raise LayerpipeError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
     if isinstance(c.max_stale_samples, bool) or not isinstance(c.max_stale_samples, int) or c.max_stale_samples < 0:
         raise LayerpipeError(f"--max-stale-samples must be 0 (off) or a positive integer, got {c.max_stale_samples!r}")
-    if c.max_stale_samples and any(str(spec).partition(":")[0].strip() == "accumulate" for spec in c.compensation):
+    if c.max_stale_samples and any(parse_spec(str(spec))[0] == "accumulate" for spec in c.compensation):
         raise LayerpipeError(f"--max-stale-samples {c.max_stale_samples} accumulates the microbatches of a split batch "
                              "already; drop the accumulate compensation or pass --max-stale-samples 0")
     if c.warmup_epochs < 0:

@@ -63,8 +63,6 @@ class UpdateEMA(WeightStrategy):
             self.mode = UPDATES
         else:
             self.mode = REBUILT
-        #: True: the average lives in E, the EMA of the weights (REBUILT); False: in u itself
-        self.of_weights = self.mode == REBUILT
         self._before: list[Tensor] | None = None
         # a stage whose backward runs in the tick of its forward (d = 0) never needs history;
         # one tensor per parameter (the engine swaps its storage into the parameter's)
@@ -73,9 +71,9 @@ class UpdateEMA(WeightStrategy):
         self._c = 1.0
 
     def _scale(self, n: float) -> float:
-        """n * u_hat = scale * u (kept u) or scale * (E - W) (kept E): scale = -c."""
+        """n * u_hat = scale * u (PREVIOUS, UPDATES) or scale * (E - W) (REBUILT: scale = -c)."""
         correction = 1.0 - (1.0 - self.alpha) ** self.steps
-        if self.of_weights:
+        if self.mode == REBUILT:
             return -n * self.alpha / ((1.0 - self.alpha) * correction)
         return n / correction
 

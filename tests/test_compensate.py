@@ -508,9 +508,12 @@ def test_accumulate_in_the_engine_equals_handwritten_delayed_sgd(schedule, every
                     loss_fn=F.cross_entropy, compensation=[f"accumulate:every={every}"])
     for s in pipe.stages:
         s.may_keep_grads = keep
-    losses = {}
+    losses, peak = {}, [0] * 4  # peak: most weight versions a stage's stash held
     for x, y in batches:
         losses.update(pipe.step(x, y).losses)
+        peak = [max(v, s.strategy.history_bytes() // s.parameter_bytes()) for v, s in zip(peak, pipe.stages)]
+    # a tick that only adds a gradient makes no new version: ceil(d_k / A) of them, not d_k
+    assert peak == [-(-d // every) for d in delays]
     for info in pipe.flush():
         losses.update(info.losses)
     assert [losses[m].item() for m in sorted(losses)] == pytest.approx(ref_losses, rel=1e-10)
@@ -541,3 +544,33 @@ def test_accumulate_keeps_its_own_sum_where_each_ticks_gradient_is_clipped():
                            clip_grad_norm=1.0, compensation=["accumulate:every=2"])
     assert not any(s.can_keep_grads for s in pipe.stages)
     assert [s.optimizer.own_bytes() for s in pipe.stages] == [sum(p.numel() * 4 for p in s.owned) for s in pipe.stages]
+
+
+def test_stash_stays_exact_where_error_feedback_moves_the_weights_between_accumulated_updates():
+    """error-feedback outside an accumulation moves the weights on the tick after an update
+    (c (delta - prev) with delta = 0), so those ticks are versions too: stash must still equal
+    the delayed-SGD loop (exact past weights) running the same optimizer chain."""
+    from reference import delayed_sgd
+    from test_engine import SGD_MOMENTUM, make_batches, make_model
+
+    from layerpipe import Pipeline
+
+    model, batches = make_model(torch.float64), make_batches(n=15, dtype=torch.float64)
+    stages, delays = [1, 3, 2, 1], [3, 2, 1, 0]
+    chain = ["accumulate:every=2", "error-feedback:c=0.5"]
+    made = iter(delays)  # the reference builds one optimizer per stage, in stage order
+
+    def reference_opt(ps):
+        return build_optimizer(ps, next(made), chain, base=SGD_MOMENTUM)
+
+    ref_model, ref_losses = delayed_sgd(model, stages, delays, batches, reference_opt, F.cross_entropy)
+    pipe = Pipeline(model, stages=stages, weights="stash", optimizer=SGD_MOMENTUM, schedule="pipedream",
+                    loss_fn=F.cross_entropy, compensation=chain)
+    losses = {}
+    for x, y in batches:
+        losses.update(pipe.step(x, y).losses)
+    for info in pipe.flush():
+        losses.update(info.losses)
+    assert [losses[m].item() for m in sorted(losses)] == pytest.approx(ref_losses, rel=1e-10)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

@@ -58,6 +58,10 @@ class Accumulate(Compensation):
         the gradients, the next backward adds into them."""
         return (self.in_grad and 0 < self.count < self.every) or super().holds_grads()
 
+    def steps_now(self) -> bool:
+        """Only the step that completes an accumulation changes the weights."""
+        return self.count + 1 >= self.every and super().steps_now()
+
     def step(self, closure=None) -> None:
         if self.every == 1:
             self.optimizer.step()

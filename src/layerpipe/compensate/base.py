@@ -26,6 +26,14 @@ def history_bytes(optimizer: Any) -> int:
     return int(fn()) if callable(fn) else 0
 
 
+def steps_now(optimizer: Any) -> bool:
+    """Whether the optimizer's next `step()` may change the weights: False only on the ticks
+    where an accumulating chain just adds the gradient (the weight strategy then keeps the
+    version: `WeightStrategy.skip_update`); True for a plain optimizer."""
+    fn = getattr(optimizer, "steps_now", None)
+    return bool(fn()) if callable(fn) else True
+
+
 class Compensation:
     """Base wrapper: forwards everything to the wrapped optimizer and adds nothing."""
 
@@ -57,6 +65,11 @@ class Compensation:
         inner = getattr(self.optimizer, "attach", None)
         if callable(inner):
             inner(stage)
+
+    def steps_now(self) -> bool:
+        """Whether the next `step()` may change the weights (see `steps_now`); a wrapper that
+        moves them on every tick of its own says True."""
+        return steps_now(self.optimizer)
 
     def holds_grads(self) -> bool:
         """True when the stage must keep the parameters' gradients until the next tick (an

@@ -31,6 +31,11 @@ class ErrorFeedback(Compensation):
         active = delay > 0 and self.c != 0 and bool(self._live)
         self._prev = [torch.zeros_like(p) for p in self._live] if active else None
 
+    def steps_now(self) -> bool:
+        # its correction c (delta - prev) moves the weights on the tick after an update too,
+        # even when an accumulation inside it makes no update
+        return True if self._prev is not None else super().steps_now()
+
     def step(self, closure=None) -> None:
         if self._prev is None:
             self.optimizer.step()

@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from layerpipe.compensate import history_bytes
+from layerpipe.compensate import history_bytes, steps_now
 from layerpipe.engine.saved import (STRIDED, ParamRef, TiedGrads, owns_storage, same_tensor, set_versions,
                                     storage_spans, swap_storages)
 from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
@@ -415,13 +415,18 @@ class Stage:
         when `clip_grad_norm` is set; the learning-rate scheduler steps after)."""
         if self.clip_grad_norm is not None and self.owned:
             torch.nn.utils.clip_grad_norm_(self.owned, self.clip_grad_norm)
-        self.strategy.before_update()
+        stepping = steps_now(self.optimizer)
+        if stepping:
+            self.strategy.before_update()
         if self.optimizer is not None:
             if self.hides_updates:
                 self._step_hidden()
             else:
                 self.optimizer.step()
-        self.strategy.after_update()
+        if stepping:
+            self.strategy.after_update()
+        else:  # an accumulation's tick: the weights did not move
+            self.strategy.skip_update()
         if self.scheduler is not None:
             self.scheduler.step()
         self._clear_grads()

@@ -64,6 +64,14 @@ class WeightStrategy:
         """Called right after the optimizer stepped."""
         self.version += 1
 
+    def skip_update(self) -> None:
+        """Called instead of the pair above on a tick whose optimizer step leaves the weights
+        as they are (an accumulation adding a gradient). By default an update of zero, so a
+        strategy that counts ticks (`ema`'s average of updates) sees every tick; a strategy
+        whose versions are the weights themselves (`stash`) overrides it to keep the version."""
+        self.before_update()
+        self.after_update()
+
     def updates_since(self, version: int) -> int:
         return self.version - version
 

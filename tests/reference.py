@@ -119,15 +119,20 @@ def _mlp_backward(stage, inputs, g, weights):
     return g, grads
 
 
-def delayed_sgd_rebuilt(model, stage_sizes, delays, batches, optimizer_factory, loss_fn, alphas=None):
+def delayed_sgd_rebuilt(model, stage_sizes, delays, batches, optimizer_factory, loss_fn, alphas=None, every=1):
     """Delayed SGD whose backward runs on LayerPipe2's reconstruction, written out plainly for an
     MLP of Linear and Tanh layers: stage k's backward of microbatch m, at tick m + k + d_k, uses
     the activations of its forward (at tick m + k) and, for each weight, W_now - n * u_hat: n the
-    updates stage k applied since that forward, u the EMA (decay alpha_k = 2 / (d_k + 1) unless
-    `alphas` says otherwise) of the updates it applied, started at 0, u_hat = u / (1 - (1 -
-    alpha)^s) after s updates. Same tick semantics as `delayed_sgd`. Returns (trained copy, losses)."""
+    updates stage k applied since that forward, u the EMA (decay alpha_k = 2 / (D_k + 1) unless
+    `alphas` says otherwise, D_k = ceil(d_k / every) the delay in updates) of the updates it
+    applied, started at 0, u_hat = u / (1 - (1 - alpha)^s) after s updates. With `every` > 1 a
+    stage sums the gradients of `every` backwards and updates with their mean on the last (the
+    other backwards change nothing and are no update). Same tick semantics as `delayed_sgd`.
+    Returns (trained copy, losses)."""
     model, stages, params, opts = _split_copy(model, stage_sizes, optimizer_factory)
-    alphas = alphas or [2.0 / (d + 1) for d in delays]
+    alphas = alphas or [2.0 / (-(-d // every) + 1) for d in delays]
+    summed: list[dict | None] = [None] * len(stages)  # per stage: the gradients summed so far
+    count = [0] * len(stages)
     K, M = len(stages), len(batches)
     updates = [0] * K  # updates applied so far, per stage
     avg = [{n: torch.zeros_like(p) for n, p in params[k].items()} for k in range(K)]
@@ -168,6 +173,11 @@ def delayed_sgd_rebuilt(model, stage_sizes, delays, batches, optimizer_factory, 
                 grad_in[(m, k)] = g_in
                 if not params[k]:
                     continue
+                summed[k] = grads if summed[k] is None else {n: summed[k][n] + g for n, g in grads.items()}
+                count[k] += 1
+                if count[k] < every:
+                    continue
+                grads, summed[k], count[k] = {n: g / every for n, g in summed[k].items()}, None, 0
                 before = {name: p.clone() for name, p in params[k].items()}
                 for name, p in params[k].items():
                     p.grad = grads[name]

@@ -123,7 +123,7 @@ def single_reference(c: dict) -> dict:
     try:
         model, data, loss_fn = model_parts(c.get("model", "skip"))
         pipe = Pipeline(model, split_points=c["split_points"], weights=c["weights"], optimizer=OPTIMIZERS[c["opt"]],
-                        loss_fn=loss_fn, schedule=c["schedule"],
+                        loss_fn=loss_fn, schedule=c["schedule"], compensation=c.get("comp"),
                         example_inputs=take(data["x_train"], slice(0, c["batch"])))
         losses = []
         for epoch in range(c["epochs"]):
@@ -156,7 +156,7 @@ def worker_cases(spec: dict) -> None:
         strategy, schedule = resolve_strategy(c["weights"], c["schedule"])
         split = cut_model(model, None, c["split_points"], take(data["x_train"], slice(0, c["batch"])))
         worker = StageWorker(comm, model, split_spec(split.split_points, schedule), weights=strategy,
-                             optimizer=OPTIMIZERS[c["opt"]], loss_fn=loss_fn, split=split)
+                             optimizer=OPTIMIZERS[c["opt"]], loss_fn=loss_fn, split=split, compensation=c.get("comp"))
         return worker, data
 
     for i, c in enumerate(spec["cases"]):
@@ -268,10 +268,14 @@ def tied_case(split_points, weights, schedule="layerpipe", batch=4, **kw):
 
 TIED_CASES = {
     2: [tied_case(["b"], "sync"), tied_case(["b"], "stash"), tied_case(["b"], "ema", opt="adam"),
-        tied_case(["b"], "ema", "pipedream")],
+        tied_case(["b"], "ema", "pipedream"),
+        # accumulated updates: the owner tells its users which ticks made a new version
+        tied_case(["b"], "ema", "pipedream", comp=["accumulate:every=2"])],
     3: [tied_case(["a", "head"], "sync"), tied_case(["a", "head"], "stash", opt="adam"), tied_case(["a", "head"], "ema"),
         tied_case(["a", "b"], "stash"), tied_case(["a", "b"], "ema", "pipedream", opt="adam"),
-        tied_case(["a", "head"], "ema", restart=True)],  # resumed after epoch 0: the users' replicas too
+        tied_case(["a", "head"], "ema", restart=True),  # resumed after epoch 0: the users' replicas too
+        tied_case(["a", "head"], "ema", comp=["accumulate:every=3"]),
+        tied_case(["a", "head"], "stash", opt="adam", comp=["accumulate:every=2"], restart=True)],
 }
 
 

@@ -230,3 +230,32 @@ def test_ema_equals_handwritten_rebuilt_delayed_sgd(stages, opt, schedule, backw
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
     # and not by accident: the reconstruction is not the exact history
     assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), stash_model.parameters())) > 1e-6
+
+
+@pytest.mark.parametrize("schedule, every", [("layerpipe", 2), ("layerpipe", 3), ("pipedream", 2), ("pipedream", 4)])
+@pytest.mark.parametrize("opt", [SGD_MOMENTUM, ADAM], ids=["sgd-momentum", "adam"])
+def test_ema_under_accumulation_counts_updates_not_ticks(opt, schedule, every):
+    """With one update every A ticks, `ema` rebuilds W_now - n u_hat with n the updates (not the
+    ticks) since the forward and u the EMA of the updates, decay 2 / (ceil(d / A) + 1): the
+    reference's rule with its own accumulation (tests/reference.py). Where ceil(d / A) is 1
+    that is the exact history."""
+    from reference import AccumulatingOptimizer, delayed_sgd_rebuilt
+
+    model, batches = make_model(torch.float64), make_batches(n=27, dtype=torch.float64)
+    stages = [1, 3, 2, 1]
+    delays = [(2 if schedule == "layerpipe" else 1) * (3 - k) for k in range(4)]
+    ref_model, ref_losses = delayed_sgd_rebuilt(model, stages, delays, batches, opt, F.cross_entropy, every=every)
+    stash_model, _ = delayed_sgd(model, stages, delays, batches, lambda ps: AccumulatingOptimizer(ps, opt(ps), every),
+                                 F.cross_entropy)  # exact history (before the pipeline trains `model`)
+    pipe, losses = run_pipeline(model, batches, stages=stages, weights="ema", optimizer=opt, schedule=schedule,
+                                compensation=[f"accumulate:every={every}"])
+    assert [s.strategy.delay for s in pipe.stages] == [-(-d // every) for d in delays]
+    assert losses == pytest.approx(ref_losses, rel=1e-9, abs=1e-12)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    gap = max((p - q).abs().max().item() for p, q in zip(model.parameters(), stash_model.parameters()))
+    # stage 0's backward weights make no input gradient, so they never matter
+    if all(-(-d // every) <= 1 for d in delays[1:]):
+        assert gap < 1e-12  # one update back at most: the weights before the last update, exactly
+    else:
+        assert gap > 1e-6  # and not by accident: the reconstruction is not the exact history

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from layerpipe.compensate import accumulate, error_feedback, muon, nesterov, pipemare, predict  # noqa: F401  (registers)
-from layerpipe.compensate.base import Compensation, OptimizerFactory, history_bytes, steps_now
+from layerpipe.compensate.base import Compensation, OptimizerFactory, history_bytes, steps_now, update_period
 from layerpipe.compensate.registry import TECHNIQUES, make_compensation, register, technique
 from layerpipe.errors import LayerpipeError
 
@@ -133,6 +133,7 @@ __all__ = [
     "compensation_bytes",
     "history_bytes",
     "steps_now",
+    "update_period",
     "make_compensation",
     "parse_spec",
     "pipeline_optimizer",

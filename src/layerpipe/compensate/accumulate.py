@@ -62,6 +62,9 @@ class Accumulate(Compensation):
         """Only the step that completes an accumulation changes the weights."""
         return self.count + 1 >= self.every and super().steps_now()
 
+    def update_period(self) -> int:
+        return self.every * super().update_period()
+
     def step(self, closure=None) -> None:
         if self.every == 1:
             self.optimizer.step()

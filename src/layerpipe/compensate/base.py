@@ -26,10 +26,19 @@ def history_bytes(optimizer: Any) -> int:
     return int(fn()) if callable(fn) else 0
 
 
+def update_period(optimizer: Any) -> int:
+    """Ticks per weight update of an optimizer chain: A for one that accumulates A gradients
+    into each update, else 1. A stage's weight strategy counts its versions in updates, so
+    its delay is ceil(d_k / A) of them."""
+    fn = getattr(optimizer, "update_period", None)
+    return int(fn()) if callable(fn) else 1
+
+
 def steps_now(optimizer: Any) -> bool:
     """Whether the optimizer's next `step()` may change the weights: False only on the ticks
     where an accumulating chain just adds the gradient (the weight strategy then keeps the
-    version: `WeightStrategy.skip_update`); True for a plain optimizer."""
+    version: `WeightStrategy.skip_update`); True for a plain optimizer. Never False where
+    `update_period` is 1."""
     fn = getattr(optimizer, "steps_now", None)
     return bool(fn()) if callable(fn) else True
 
@@ -68,8 +77,11 @@ class Compensation:
 
     def steps_now(self) -> bool:
         """Whether the next `step()` may change the weights (see `steps_now`); a wrapper that
-        moves them on every tick of its own says True."""
+        moves them on every tick of its own says True, and 1 for `update_period`."""
         return steps_now(self.optimizer)
+
+    def update_period(self) -> int:
+        return update_period(self.optimizer)
 
     def holds_grads(self) -> bool:
         """True when the stage must keep the parameters' gradients until the next tick (an

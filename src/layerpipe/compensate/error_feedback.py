@@ -31,10 +31,13 @@ class ErrorFeedback(Compensation):
         active = delay > 0 and self.c != 0 and bool(self._live)
         self._prev = [torch.zeros_like(p) for p in self._live] if active else None
 
+    # its correction c (delta - prev) moves the weights on the tick after an update too, even
+    # when an accumulation inside it makes none: every tick is an update of its own
     def steps_now(self) -> bool:
-        # its correction c (delta - prev) moves the weights on the tick after an update too,
-        # even when an accumulation inside it makes no update
         return True if self._prev is not None else super().steps_now()
+
+    def update_period(self) -> int:
+        return 1 if self._prev is not None else super().update_period()
 
     def step(self, closure=None) -> None:
         if self._prev is None:

@@ -74,6 +74,18 @@ class Predict(Compensation):
         finally:
             torch._foreach_copy_(self._live, saved)
 
+    # its forecast c d_k u_hat counts ticks (its average, or ema's it shares, takes every
+    # tick's update, zero or not): the stage's strategy must count ticks too
+    def steps_now(self) -> bool:
+        return True if self._forecasts else super().steps_now()
+
+    def update_period(self) -> int:
+        return 1 if self._forecasts else super().update_period()
+
+    @property
+    def _forecasts(self) -> bool:
+        return self.delay > 0 and bool(self._live) and self.c != 0
+
     def step(self, closure=None) -> None:
         if self._avg is None:
             self.optimizer.step()

@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from layerpipe.compensate import history_bytes, steps_now
+from layerpipe.compensate import history_bytes, steps_now, update_period
 from layerpipe.engine.saved import (STRIDED, ParamRef, TiedGrads, owns_storage, same_tensor, set_versions,
                                     storage_spans, swap_storages)
 from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
@@ -155,7 +155,13 @@ class Stage:
         self.params = list(self.owned)
         # a stage without parameters (say, a lone activation) has nothing to update
         self.optimizer = optimizer_factory(self.owned) if (self.owned and optimizer_factory) else None
-        self.strategy = strategy_factory(self.owned, delay, self.optimizer)
+        #: ticks per weight update (A where gradients are accumulated): the strategy counts
+        #: versions in updates, so its delay is ceil(d_k / A) of them
+        self.update_period = update_period(self.optimizer)
+        self.strategy = strategy_factory(self.owned, -(-delay // self.update_period), self.optimizer)
+        #: whether the last `update` changed the weights (the distributed runtime tells a tied
+        #: parameter's other readers)
+        self.stepped = False
         self.scheduler = lr_scheduler(self.optimizer) if (lr_scheduler and self.optimizer) else None
         self.clip_grad_norm = clip_grad_norm
         #: False: a compensation that accumulates keeps its own sum instead of the gradients
@@ -415,7 +421,7 @@ class Stage:
         when `clip_grad_norm` is set; the learning-rate scheduler steps after)."""
         if self.clip_grad_norm is not None and self.owned:
             torch.nn.utils.clip_grad_norm_(self.owned, self.clip_grad_norm)
-        stepping = steps_now(self.optimizer)
+        self.stepped = stepping = steps_now(self.optimizer)
         if stepping:
             self.strategy.before_update()
         if self.optimizer is not None:

@@ -66,11 +66,9 @@ class WeightStrategy:
 
     def skip_update(self) -> None:
         """Called instead of the pair above on a tick whose optimizer step leaves the weights
-        as they are (an accumulation adding a gradient). By default an update of zero, so a
-        strategy that counts ticks (`ema`'s average of updates) sees every tick; a strategy
-        whose versions are the weights themselves (`stash`) overrides it to keep the version."""
-        self.before_update()
-        self.after_update()
+        as they are (an accumulation adding a gradient): no new version. Versions count
+        updates, not ticks, and the engine builds the strategy with the delay in updates,
+        ceil(d_k / A) for one update every A ticks."""
 
     def updates_since(self, version: int) -> int:
         return self.version - version

@@ -22,7 +22,9 @@ the passes 0.6-0.8x the time on this CPU). A backward at another n (the pipeline
 tied parameter's other user) gets new tensors: the buffer's values never depend on who read it,
 so one process and a pipeline of processes compute the same numbers.
 With alpha = 1 (d = 1) the average is the last update, and the buffer is simply the weights
-before it (exact). 16-bit weights with alpha < 1 (E would round small updates away) keep u
+before it (exact). Under gradient accumulation (one update every A ticks) d_k counts updates,
+ceil(d_ticks / A) (the engine builds the strategy so), and a tick that only adds a gradient is
+no update: at most one update between a forward and its backward makes the rebuild exact. 16-bit weights with alpha < 1 (E would round small updates away) keep u
 itself and rebuild into new tensors.
 """
 from __future__ import annotations

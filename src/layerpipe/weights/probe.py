@@ -71,9 +71,6 @@ class ReconstructionProbe(Stash):
         for s in self.shadows.values():
             s.after_update()
 
-    # its shadows read the versions it hands out and count ticks: a tick is a version here
-    skip_update = WeightStrategy.skip_update
-
     def errors(self) -> dict[str, float]:
         return {name: e**0.5 for name, e in self.squared_error.items()}
 

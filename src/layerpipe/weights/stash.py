@@ -5,7 +5,7 @@ overwrite weights that a pending backward still needs. With one forward per tick
 then holds exactly d_k versions in steady state (sum_k d_k |W_k| = (K-1)|W| for equal stages).
 Freed buffers are reused, so steady state allocates nothing. A tick whose step changes
 nothing (gradient accumulation, `skip_update`) makes no new version: with one update every A
-ticks a stage holds ceil(d_k / A) versions. Each version keeps one tensor per
+ticks a stage holds ceil(d_k / A) versions (its delay in updates). Each version keeps one tensor per
 parameter (`FlatBuffer(separate=True)`): the engine swaps a version's storage into the
 parameters for its backward, in O(1), instead of copying it.
 """
@@ -59,11 +59,6 @@ class Stash(WeightStrategy):
             buf = self._free.pop() if self._free else FlatBuffer(self.params, separate=True)
             buf.copy_from(self.params)
             self._saved[self.version] = buf
-
-    def skip_update(self) -> None:
-        # the weights did not change: the forwards of this tick and the next share a version,
-        # so an accumulation of A ticks holds ceil(d / A) versions, not d
-        pass
 
     @staticmethod
     def history_versions(delay: int) -> int:

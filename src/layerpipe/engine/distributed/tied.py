@@ -14,11 +14,12 @@ different processes, so
   produces in tick t (after its receives of the gradient from stage k+1), waits for them
   just before its backward of that microbatch and adds them, users in descending stage
   order: the sum `Stage` makes in one process (`TiedGrads`), bit for bit;
-- after each update the owner sends the new values to every user; a user receives the
-  values of tick t-1 before its forward of tick t (one tick of slack: it posts the
+- after each update the owner sends the new values to every user, and whether they
+  changed (not on the ticks of a gradient accumulation: no new version); a user receives
+  the values of tick t-1 before its forward of tick t (one tick of slack: it posts the
   receives at the end of tick t-1) and drains the last ones at the end of the epoch;
 - a user keeps the parameter (its local copy) under its own replica of the owner's weight
-  strategy (`RemoteOwner`: same strategy, same delay d_owner, same options, no optimizer),
+  strategy (`RemoteOwner`: same strategy, same delay in updates, same options, no optimizer),
   told of every owner update (`before_update`, new values, `after_update`), so under
   `stash` or `ema` its backward sees the version its own forward used; what that replica
   holds counts in the stage's weight history bytes.
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from layerpipe.compensate import build_optimizer, update_period
 from layerpipe.engine.build import param_users
 from layerpipe.engine.distributed.transport import TIED_GRAD, TIED_VALUE, Comm, Pending
 from layerpipe.engine.saved import TiedGrads
@@ -81,8 +83,8 @@ class TiedLinks:
     `end_epoch(last_tick)` after the last tick."""
 
     def __init__(self, comm: Comm, stage: Stage, modules: Sequence[nn.Module], spec: PipelineSpec, weights: str,
-                 weight_options: Mapping[str, Any] | None = None) -> None:
-        self.comm, self.timing = comm, Timing.of(spec)
+                 weight_options: Mapping[str, Any] | None = None, compensation: Sequence[Any] | None = None) -> None:
+        self.comm, self.timing, self._stage = comm, Timing.of(spec), stage
         k, layout, replica = stage.index, comm.layout, comm.replica
         users = param_users(modules)
 
@@ -96,7 +98,20 @@ class TiedLinks:
             raise PlanError(f"weights {weights!r} reads the optimizer's state, which the other processes reading "
                             "a tied parameter do not have; choose stash or ema, or untie the parameters")
         options = dict(weight_options or {})
-        self.owners = [RemoteOwner(o, layout.rank(o, replica), make_strategy(weights, ps, spec.delays[o], None,
+        # the owner's strategy counts its delay in updates: ceil(d_o / A_o), A_o the ticks per
+        # update of the optimizer chain the owner builds from the same compensation specs
+        max_delay = max(spec.delays)
+
+        def owner_delay(o: int) -> int:
+            d = spec.delays[o]
+            if not compensation or d == 0:
+                return d
+            scratch = [nn.Parameter(torch.zeros(2, 2))]
+            chain = build_optimizer(scratch, d, list(compensation), base=lambda ps: torch.optim.SGD(ps, lr=0.1),
+                                    max_delay=max_delay)
+            return -(-d // update_period(chain))
+
+        self.owners = [RemoteOwner(o, layout.rank(o, replica), make_strategy(weights, ps, owner_delay(o), None,
                                                                              **options), ps)
                        for o, ps in reads.items()]
         self.grads = TiedGrads()
@@ -139,10 +154,15 @@ class TiedLinks:
 
     def send_values(self) -> None:
         """After an update: the new values to every user (copies: the next update must not
-        change a message in flight)."""
+        change a message in flight), then one element, 1 or 0: whether the update changed the
+        weights (a tick of an accumulation does not, and makes no new version)."""
+        if not self.users:
+            return
+        stepped = torch.ones(1) if self._stage.stepped else torch.zeros(1)
         for link in self.users:
             for p in link.params:
                 self.comm.send(link.rank, p.detach().clone(), TIED_VALUE)
+            self.comm.send(link.rank, stepped.to(self.comm.device), TIED_VALUE)
 
     # -- user side ----------------------------------------------------------------------------
     def send_parts(self, mb: int) -> None:
@@ -159,13 +179,17 @@ class TiedLinks:
         for owner in self.owners:
             if self.timing.backward(owner.index, t, self._n) is not None:
                 posted = [self.comm.post_recv(owner.rank, tuple(p.shape), p.dtype, TIED_VALUE) for p in owner.owned]
+                posted.append(self.comm.post_recv(owner.rank, (1,), torch.float32, TIED_VALUE))  # stepped
                 self._values.setdefault(t, []).append((owner, posted))
 
     def apply_values(self, t: int) -> None:
         """Before the forward of tick t: the owners' updates of tick t-1, each wrapped in the
         replica strategy's update hooks as the owner's optimizer step is in its own."""
         for owner, posted in self._values.pop(t - 1, []):
-            values = [self.comm.wait(p) for p in posted]
+            *values, stepped = [self.comm.wait(p) for p in posted]
+            if not bool(stepped[0] != 0):  # the owner's weights did not change
+                owner.strategy.skip_update()
+                continue
             owner.strategy.before_update()
             with torch.no_grad():
                 for p, v in zip(owner.owned, values):

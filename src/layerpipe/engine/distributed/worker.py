@@ -164,7 +164,7 @@ class StageWorker:
         (self.stage,) = build_stages(modules, spec, weights, optimizer, loss_fn, weight_options, only=k,
                                      compensation=compensation)
         #: tied parameters shared with other stages' processes (inactive when there are none)
-        self.tied = TiedLinks(comm, self.stage, modules, spec, weights, weight_options)
+        self.tied = TiedLinks(comm, self.stage, modules, spec, weights, weight_options, compensation)
         self.loss_fn = loss_fn
         self.tick = 0
         self.next_mb = 0

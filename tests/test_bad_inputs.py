@@ -35,6 +35,8 @@ CLI_CASES = [
     ("weight-option-unknown", TRAIN + ["--weight-option", "beta=2"], "does not take option"),
     ("compensation-unknown", TRAIN + ["--compensation", "bogus"], "unknown compensation 'bogus'"),
     ("compensation-option-syntax", TRAIN + ["--compensation", "muon:lr"], "is not KEY=VALUE"),
+    ("compensation-option-twice", TRAIN + ["--compensation", "pipemare:pipeline_lr=1,pipeline_lr=2"],
+     "option 'pipeline_lr' given twice"),
     ("compensation-option-type", TRAIN + ["--compensation", "pipemare:anneal=abc"], "compensation 'pipemare'"),
     ("compensation-option-value", TRAIN + ["--run-dir", "{tmp}", "--compensation", "muon:delayed_momentum=deep"],
      "delayed_momentum must be"),

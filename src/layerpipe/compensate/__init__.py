@@ -40,6 +40,8 @@ def parse_spec(text: str) -> Spec:
         key, eq, value = item.partition("=")
         if not eq:
             raise LayerpipeError(f"compensation option {item!r} is not KEY=VALUE")
+        if key.strip() in options:  # the later one would silently win
+            raise LayerpipeError(f"compensation {name.strip()!r}: option {key.strip()!r} given twice in {text!r}")
         try:
             options[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):

@@ -15,6 +15,9 @@ microbatch size, samples per second of
   (d) `torch.distributed.pipelining` `PipelineStage` + `Schedule1F1B`, 2 processes, gloo, the
       same two stages and microbatch size, M = 4 and 8 microbatches per step (a flush per
       step: bubble (K-1)/(M+K-1))
+  (c, A) as (c), with one update per A microbatches (`accumulate:every=A`, default A = 8):
+      the samples per update, and so the optimizer's work, of (d) at M = 8; like for like
+      with it, where (c) makes 8 times its updates
 
 With `--dp-only`: data parallelism x pipelining side by side with plain training, K x R = 2
 processes: (c) K=2 stages x R=1 (the pipeline), (e) K=1 stage x R=2 replicas (data parallel
@@ -151,8 +154,10 @@ def run_distributed(cfg: dict) -> dict | None:
     n, b = cfg["microbatches"], cfg["batch"] * dp  # global microbatches of R x b
     x, y = make_data(n * b)
     strategy, schedule = resolve_strategy(*weights_and_schedule(cfg))
+    every = cfg.get("accumulate", 0)
     worker = StageWorker(comm, model, sequential_spec(model, pp, schedule), weights=strategy, optimizer=optimizer,
-                         loss_fn=F.cross_entropy, sample=x[:2])
+                         loss_fn=F.cross_entropy, sample=x[:2],
+                         compensation=[f"accumulate:every={every}"] if every > 1 else None)
     order = [torch.arange(i * b, (i + 1) * b) for i in range(n)]
     worker.run_epoch(x, y, order[: cfg["warmup"]])
     comm.barrier()
@@ -301,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--weights", default="stash,ema",
                    help="strategies for (b) and (c), NAME or NAME@pipedream for the 1F1B timing (default stash,ema)")
+    p.add_argument("--accumulate", type=int, default=8,
+                   help="rows (c, A): one update per A microbatches, as (d) at M=A (default 8; 0: no such rows)")
     p.add_argument("--rounds", type=int, default=3, help="rounds at most (default 3)")
     p.add_argument("--clean", type=int, default=0,
                    help="stop once every row has this many clean rounds (no compute thread preempted over 5%% of the time)")
@@ -345,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         for w in strategies:
             rows[f"c-{w}{t}"] = (f"(c) distributed runtime, 2 processes, weights={w}", "distributed", 2,
                                  dict(cfg, weights=w))
+        if args.accumulate > 1:
+            for w in strategies:
+                rows[f"cA-{w}{t}"] = (f"(c, A={args.accumulate}) distributed runtime, 2 processes, weights={w}, "
+                                      f"one update per {args.accumulate} microbatches", "distributed", 2,
+                                      dict(cfg, weights=w, accumulate=args.accumulate))
         for m in (4, 8):
             rows[f"d{m}{t}"] = (f"(d) torch pipelining Schedule1F1B, 2 processes, M={m}", "pippy", 2,
                                 dict(cfg, pippy_m=m))
@@ -427,7 +439,7 @@ def render(args, rows, samples, strategies) -> str:
         f"- model: MLP 256 -> {args.width} x {args.layers} layers (ReLU) -> 10, "
         f"{sum(p.numel() for p in make_model(args.width, args.layers).parameters()) / 1e6:.2f} M parameters, "
         f"split {two_stage_split(make_model(args.width, args.layers))} layers; SGD momentum 0.9 (fused), an update per "
-        f"microbatch in (a), (b), (c), per step of M microbatches in (d)",
+        f"microbatch in (a), (b), (c), per step of M microbatches in (d), per A in (c, A)",
         f"- microbatch {args.batch}; {args.microbatches} microbatches per timed epoch after {args.warmup} warm-up; "
         f"median of the clean rounds of each row: rounds in which no worker's compute thread waited for a CPU "
         f"more than {100 * CLEAN:.0f}% of the timed window (Linux schedstat run-queue wait: other processes on the "
@@ -435,7 +447,8 @@ def render(args, rows, samples, strategies) -> str:
         f"- command: `.venv/bin/python benchmarks/distributed_throughput.py"
         f"{' --quick' if args.quick else ''} --rounds {args.rounds}{f' --clean {args.clean}' if args.clean else ''}"
         f"{f' --weights {args.weights}' if args.weights != 'stash,ema' else ''}"
-        f"{' --no-malloc-rows' if not args.malloc_rows else ''} --save`",
+        f"{' --no-malloc-rows' if not args.malloc_rows else ''}"
+        f"{f' --accumulate {args.accumulate}' if args.accumulate != 8 else ''} --save`",
     ]
     blocks = [("", "glibc malloc defaults")]
     if args.malloc_rows:
@@ -461,6 +474,11 @@ def render(args, rows, samples, strategies) -> str:
                          f"(c)/(d, M=4) = {c / med[f'd4{t}']:.2f}x, (c)/(d, M=8) = {d8:.2f}x "
                          f"({'met' if d8 >= TARGET_1F1B else 'NOT met'}); "
                          f"(c) / 2-core ceiling = {c / med[f'a1x2{t}']:.2f}")
+            if f"cA-{w}{t}" in med:
+                cA = med[f"cA-{w}{t}"]
+                lines.append(f"  - with one update per {args.accumulate} microbatches, as (d) at M={args.accumulate}: "
+                             f"(c, A)/(a) = {cA / a1:.2f}x, (c, A)/(d, M=8) = {cA / med[f'd8{t}']:.2f}x "
+                             f"(like for like; {'met' if cA / med[f'd8{t}'] >= TARGET_1F1B else 'NOT met'})")
         if f"c-ema{t}" in med and f"c-stash{t}" in med:
             r = med[f"c-ema{t}"] / med[f"c-stash{t}"]
             lines.append(f"- (c) ema / (c) stash = {r:.2f}x ({'met' if r >= TARGET_EMA else 'NOT met'})")

@@ -12,8 +12,10 @@
    and the boundary copy (a lower bound for the gloo transfer).
 2. Feeds them to the simulator: `layerpipe` schedule with an update per microbatch, one
    epoch of 48 microbatches from an empty pipeline to the drained end (what the benchmark's
-   (c) rows time); `1f1b` with one optimizer step per M microbatches, steady steps (the (d)
-   rows time whole steps).
+   (c) rows time), and the same with one update per 8 microbatches (the (c, A=8) rows; the
+   strategy's extra work per update as measured, though `ema` there rebuilds over one update,
+   a copy); `1f1b` with one optimizer step per M microbatches, steady steps (the (d) rows
+   time whole steps).
 3. Prints predicted vs measured side by side: the measured rows of
    benchmarks/results/distributed-2026-11-28.md, and with --run-benchmark those of one fresh
    `distributed_throughput.py --rounds 1` run (minutes; both cores).
@@ -133,10 +135,13 @@ def recorded(path: Path) -> dict[str, dict[str, float]]:
             out[block] = {}
         if block and line.startswith("| (a) plain training, 1 thread |"):
             out[block]["a1"] = float(line.split("|")[2].replace("!", ""))  # "!": no clean round
-        m = re.match(r"\| \((c|d)\) (.*?) \| ([0-9.]+)", line)
+        m = re.match(r"\| \((c|d|c, A=\d+)\) (.*?) \| ([0-9.]+)", line)
         if m and block:
-            label = m.group(2)
-            key = (f"c-{label.split('weights=')[1]}" if m.group(1) == "c" else f"d-M{label.split('M=')[1]}")
+            label, kind = m.group(2), m.group(1)
+            if kind == "d":
+                key = f"d-M{label.split('M=')[1]}"
+            else:  # "weights=ema" or "weights=ema, one update per 8 microbatches"
+                key = f"{'c' if kind == 'c' else 'cA'}-{label.split('weights=')[1].split(',')[0]}"
             out[block][key] = float(m.group(3))
     return out
 
@@ -164,6 +169,8 @@ def predict(costs, extra: dict[str, list[float]], microbatches: int, batch: int)
         upd = tuple(u + (e if d > 0 else 0.0) for u, e, d in zip(costs.update, extra[w], delays))
         c = dataclasses.replace(costs, update=upd)
         out[f"c-{w}"] = simulate(c, "layerpipe", microbatches).epoch_throughput * batch
+        # one update per 8 microbatches (distributed_throughput's (c, A=8) rows)
+        out[f"cA-{w}"] = simulate(c, "layerpipe", microbatches, accumulate=8).epoch_throughput * batch
     for m in (4, 8):
         out[f"d-M{m}"] = simulate(costs, "1f1b", m).throughput * batch
     return out
@@ -208,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_benchmark:
         sources.update({f"fresh run --rounds 1 ({blk})": rows for blk, rows in run_benchmark().items()})
     labels = {"c-stash": "(c) layerpipe runtime, 2 processes, stash", "c-ema": "(c) layerpipe runtime, 2 processes, ema",
+              "cA-stash": "(c, A=8) the same, one update per 8 microbatches, stash",
+              "cA-ema": "(c, A=8) the same, one update per 8 microbatches, ema",
               "d-M4": "(d) torch Schedule1F1B, M=4", "d-M8": "(d) torch Schedule1F1B, M=8"}
     for name, rows in sources.items():
         print(f"## predicted vs measured: {name}\n")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from layerpipe.cli.main import main
+from layerpipe.errors import LayerpipeError
 from layerpipe.simulate import AllReduce, StageCosts, simulate
 from layerpipe.simulate.engine import Op
 from layerpipe.simulate.schedules import gpipe_order, history_copies, one_f_one_b_order
@@ -86,6 +87,24 @@ def test_in_flight_hand_counts(k, m):
     assert simulate(c, "1f1b", m).in_flight == [min(m, k - s) for s in range(k)]
     assert simulate(c, "layerpipe", m).in_flight == [2 * (k - 1 - s) + 1 for s in range(k)]
     assert simulate(c, "pipedream", m).in_flight == [(k - 1 - s) + 1 for s in range(k)]
+
+
+@pytest.mark.parametrize("schedule", ["layerpipe", "pipedream"])
+def test_async_accumulation_amortizes_the_update_and_the_versions(schedule):
+    """One update per A microbatches: each costs F + B + W + U / A, and stash keeps ceil(d / A)
+    versions (a version is an update); with A = M it beats 1F1B at M by its bubble."""
+    c = StageCosts.uniform(4, forward=1.0, backward=2.0, update=0.6, weight_bytes=10.0)
+    r = simulate(c, schedule, 8, accumulate=3)
+    assert r.bubble == 0.0 and r.accumulate == 3
+    assert r.throughput == pytest.approx(1 / (3 + 0.6 / 3))
+    d0 = r.delays[0]
+    assert r.memory["stash"][0] - r.memory["latest"][0] == -(-d0 // 3) * 10
+    ref = simulate(c, "1f1b", 8)  # (F + B) M + U per step of M, stretched by the bubble (K-1)/(M+K-1)
+    assert ref.throughput == pytest.approx(8 / (3 * (8 + 3) + 0.6))
+    assert simulate(c, schedule, 8, accumulate=8).throughput / ref.throughput == pytest.approx(
+        (3 * 11 + 0.6) / 8 / (3 + 0.6 / 8))
+    with pytest.raises(LayerpipeError, match="accumulate must be at least 1"):
+        simulate(c, schedule, 8, accumulate=0)
 
 
 def test_memory_formula_hand_count():
@@ -176,6 +195,7 @@ def test_cli_png(capsys, tmp_path):
     (["--weight-bytes", "3 apples"], "size"),
     (["--replicas", "2"], "--allreduce-bandwidth"),
     (["--samples-factor", "0"], "--samples-factor"),
+    (["--accumulate", "0"], "--accumulate must be at least 1"),
     (["--times", "/nonexistent/t.json"], "cannot read"),
     (["--profile", "mlp", "--forward", "1"], "--profile measures"),
     (["--png", "/nonexistent/dir/x.png"], "no such directory"),

@@ -54,6 +54,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "included) for the asynchronous ones' epoch throughput in --json (default 8)")
     g.add_argument("--schedules", metavar="S1,S2,...", default=",".join(SCHEDULE_NAMES),
                    help=f"schedules to simulate (default all: {', '.join(SCHEDULE_NAMES)})")
+    g.add_argument("--accumulate", type=int, default=1, metavar="A",
+                   help="the asynchronous schedules update once every A microbatches, their gradients summed "
+                   "(as `accumulate:every=A` or --max-stale-samples in training; A = M: the samples per update "
+                   "of the synchronous schedules at M). Default 1: an update per microbatch")
     g.add_argument("--weights", choices=("stash", "ema", "latest"), default="ema",
                    help="weight history the asynchronous schedules keep, for the memory columns (default ema); "
                    "--json gives all three")
@@ -267,6 +271,8 @@ def run(args: argparse.Namespace) -> int:
         raise LayerpipeError(f"--batch must be a positive integer, got {args.batch}")
     if not (args.samples_factor > 0 and math.isfinite(args.samples_factor)):
         raise LayerpipeError(f"--samples-factor must be a positive number, got {args.samples_factor}")
+    if args.accumulate < 1:
+        raise LayerpipeError(f"--accumulate must be at least 1 microbatch per update, got {args.accumulate}")
     if args.replicas < 1:
         raise LayerpipeError(f"--replicas must be >= 1, got {args.replicas}")
     if args.profile_repeats < 1:
@@ -279,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
             raise LayerpipeError(f"--profile measures the costs itself; drop {', '.join(clash)}")
     times = _load_times(args.times) if args.times else None
     costs = {k: costs_for(args, k, times) for k in stages}
-    results = sweep(costs.__getitem__, stages, microbatches, schedules)
+    results = sweep(costs.__getitem__, stages, microbatches, schedules, args.accumulate)
     batch = args.batch or 1
     if args.png:
         try:
@@ -289,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"chart written to {path}", file=sys.stderr)
     if args.json:
         doc = {"simulated": True, "samples_per_microbatch": batch, "samples_factor": args.samples_factor,
+               "accumulate": args.accumulate,
                "weights": args.weights, "results": [r.to_dict() for r in results],
                "costs": {str(k): c.to_dict() for k, c in costs.items()}}
         text = json.dumps(doc, indent=2)

@@ -17,14 +17,15 @@ from layerpipe.simulate.schedules import ASYNC_SCHEDULES, SimResult, memory_stra
 
 
 def sweep(costs_for: Callable[[int], StageCosts], stages: Sequence[int], microbatches: Sequence[int],
-          schedules: Sequence[str]) -> list[SimResult]:
-    """Every schedule at every K and M; `costs_for(K)` gives the costs of K stages."""
+          schedules: Sequence[str], accumulate: int = 1) -> list[SimResult]:
+    """Every schedule at every K and M; `costs_for(K)` gives the costs of K stages;
+    `accumulate`: the asynchronous schedules' microbatches per update."""
     out = []
     for k in stages:
         costs = costs_for(k)
         for m in microbatches:
             for s in schedules:
-                out.append(simulate(costs, s, m))
+                out.append(simulate(costs, s, m, accumulate=accumulate))
     return out
 
 
@@ -59,7 +60,8 @@ def render_table(results: Sequence[SimResult], weights: str, batch: int = 1, sam
         tput = r.throughput * batch
         eff = tput / samples_factor if r.schedule in ASYNC_SCHEDULES else tput
         base = ref.get((r.num_stages, r.microbatches))
-        name = f"{r.schedule} ({weights})" if r.schedule in ASYNC_SCHEDULES else r.schedule
+        every = f", A={r.accumulate}" if r.accumulate > 1 else ""
+        name = f"{r.schedule} ({weights}{every})" if r.schedule in ASYNC_SCHEDULES else r.schedule
         rows.append([name, str(r.num_stages), str(r.microbatches), _num(tput), *([_num(eff)] if effective else []),
                      f"{(eff if effective else tput) / (base * batch):.2f}x" if base else "-",
                      f"{100 * r.bubble:.1f}%", str(r.in_flight[0]), fmt_bytes(r.peak_memory(key)),

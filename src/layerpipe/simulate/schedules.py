@@ -41,10 +41,11 @@ SCHEDULES = ASYNC_SCHEDULES + SYNC_SCHEDULES
 WEIGHT_HISTORY = ("stash", "ema", "latest")
 
 
-def history_copies(strategy: str, delay: int) -> int:
-    """Copies of a stage's weights its weight history holds at a delay of `delay` ticks."""
+def history_copies(strategy: str, delay: int, accumulate: int = 1) -> int:
+    """Copies of a stage's weights its weight history holds at a delay of `delay` ticks, with
+    one update every `accumulate` ticks (versions count updates: ceil(delay / accumulate))."""
     if strategy == "stash":
-        return delay
+        return -(-delay // accumulate)
     if strategy == "ema":
         return 1 if delay > 0 else 0
     if strategy in ("latest", "sync"):
@@ -53,8 +54,9 @@ def history_copies(strategy: str, delay: int) -> int:
 
 
 # -- op orders ------------------------------------------------------------------------------------
-def async_order(num_stages: int, n: int, delays: list[int]) -> dict[int, list[Op]]:
-    """Stage k, tick t: F(t-k), then B, W, U of microbatch t-k-d_k (method.md sec 3)."""
+def async_order(num_stages: int, n: int, delays: list[int], accumulate: int = 1) -> dict[int, list[Op]]:
+    """Stage k, tick t: F(t-k), then B, W of microbatch t-k-d_k and, every `accumulate`
+    microbatches, U (method.md sec 3)."""
     order: dict[int, list[Op]] = {}
     for k in range(num_stages):
         ops = []
@@ -63,7 +65,9 @@ def async_order(num_stages: int, n: int, delays: list[int]) -> dict[int, list[Op
                 ops.append(Op(k, "F", t - k))
             m = t - k - delays[k]
             if 0 <= m < n:
-                ops += [Op(k, "B", m), Op(k, "W", m), Op(k, "U", m)]
+                ops += [Op(k, "B", m), Op(k, "W", m)]
+                if (m + 1) % accumulate == 0:
+                    ops.append(Op(k, "U", m))
         order[k] = ops
     return order
 
@@ -167,6 +171,8 @@ class SimResult:
     in_flight: list[int]
     memory: dict[str, list[float]] = field(default_factory=dict)
     """per weight strategy ("sync" for the synchronous schedules): bytes per stage at peak"""
+    accumulate: int = 1
+    """asynchronous schedules: microbatches per update"""
 
     def peak_memory(self, strategy: str) -> float:
         return max(self.memory[strategy])
@@ -176,7 +182,7 @@ class SimResult:
             "schedule": self.schedule, "stages": self.num_stages, "microbatches": self.microbatches,
             "throughput_microbatches_per_s": self.throughput, "epoch_throughput_microbatches_per_s":
             self.epoch_throughput, "bubble": self.bubble, "delays": self.delays,
-            "in_flight": self.in_flight, "memory_bytes": self.memory,
+            "in_flight": self.in_flight, "memory_bytes": self.memory, "accumulate": self.accumulate,
         }
 
 
@@ -198,39 +204,46 @@ def peak_in_flight(tl: Timeline, k: int) -> int:
     return peak
 
 
-def _memory(costs: StageCosts, in_flight: list[int], delays: list[int], strategies: tuple[str, ...]) -> dict:
+def _memory(costs: StageCosts, in_flight: list[int], delays: list[int], strategies: tuple[str, ...],
+            accumulate: int = 1) -> dict:
     out = {}
     for s in strategies:
         out[s] = [costs.weight_bytes[k] + costs.optimizer_bytes[k] + costs.activation_bytes[k] * in_flight[k]
-                  + history_copies(s, delays[k]) * costs.weight_bytes[k] for k in range(costs.num_stages)]
+                  + history_copies(s, delays[k], accumulate) * costs.weight_bytes[k] for k in range(costs.num_stages)]
     return out
 
 
 def simulate(costs: StageCosts, schedule: str, microbatches: int, steps: int = 3,
-             steady_microbatches: int | None = None) -> SimResult:
+             steady_microbatches: int | None = None, accumulate: int = 1) -> SimResult:
     """Simulate `schedule` on `costs` with M = `microbatches` (per step for the synchronous
     schedules; per epoch for the asynchronous ones, whose steady state is measured on a
-    longer run of `steady_microbatches`, by default max(6K, 2M, 64))."""
+    longer run of `steady_microbatches`, by default max(6K, 2M, 64)). `accumulate`:
+    asynchronous schedules update every A microbatches (the gradients summed in between), as
+    the synchronous ones do once per step of M."""
     if schedule not in SCHEDULES:
         raise LayerpipeError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     if microbatches < 1:
         raise LayerpipeError(f"need at least one microbatch, got {microbatches}")
     if steps < 1:
         raise LayerpipeError(f"need at least one step, got {steps}")
+    if accumulate < 1:
+        raise LayerpipeError(f"accumulate must be at least 1 microbatch per update, got {accumulate}")
     K, M = costs.num_stages, int(microbatches)
     deps = pipeline_deps(K, split=schedule == "zb-h1")
     if schedule in ASYNC_SCHEDULES:
         delays = stage_delays(K, schedule)
-        n = steady_microbatches or max(6 * K, 2 * M, 64)
-        tl = Simulation(costs, StaticPolicy(async_order(K, n, delays)), deps).run()
-        lo, hi = n // 2, n - 1
+        A = int(accumulate)
+        n = steady_microbatches or max(6 * K, 2 * M, 64, 8 * A)
+        n -= n % A  # whole accumulations
+        tl = Simulation(costs, StaticPolicy(async_order(K, n, delays, A)), deps).run()
+        lo, hi = n // 2 - (n // 2) % A, n - A  # whole accumulations between the two
         period = (tl.start[Op(0, "F", hi)] - tl.start[Op(0, "F", lo)]) / (hi - lo)
-        busy = sum(costs.stage_time(k) for k in range(K))
-        epoch = Simulation(costs, StaticPolicy(async_order(K, M, delays)), deps).run()
+        busy = sum(costs.stage_time(k) - costs.update_time(k) * (1 - 1 / A) for k in range(K))
+        epoch = Simulation(costs, StaticPolicy(async_order(K, M, delays, A)), deps).run()
         in_flight = [peak_in_flight(tl, k) for k in range(K)]
-        memory = _memory(costs, in_flight, delays, WEIGHT_HISTORY)
+        memory = _memory(costs, in_flight, delays, WEIGHT_HISTORY, A)
         return SimResult(schedule, K, M, _rate(1, period), _rate(M, epoch.makespan), _bubble(busy, K, period),
-                         delays, in_flight, memory)
+                         delays, in_flight, memory, A)
     if schedule == "gpipe":
         policy: Policy = StaticPolicy(gpipe_order(K, M, steps))
     elif schedule == "1f1b":

@@ -10,8 +10,9 @@ reaches the full lr after `anneal` ticks (Yang et al., PipeMare, 2021); `anneal=
 / d_k ** power for the whole run (what the transformer recipe measured best: the longer the
 scaling lasted, the lower the pipelined loss). `pipeline_lr=f` multiplies the lr of every
 stage, the undelayed ones included, by f when the pipeline has any delay (a synchronous run,
-all delays 0, keeps its own lr): a pipelined run wants a lower lr than the synchronous best
-(the transformer: 0.75x). `pipeline_warmup=N`, likewise, sets the warm-up length (ticks) of a
+all delays 0, keeps its own lr): with PipeMare's lr / d_k the transformer's pipelined runs
+measured best at 1.25x sync's best lr with microbatches of one sequence (0.75x with larger
+microbatches, before). `pipeline_warmup=N`, likewise, sets the warm-up length (ticks) of a
 pipelined run, `warmup` staying that of a synchronous one (the transformer: sync is best with a
 short warm-up, 8 updates, its pipelined runs with 120 ticks). `adamw=` sets what the AdamW part
 of `muon` (its vectors, embeddings and output matrix) gets: `scaled` (the default) both factors

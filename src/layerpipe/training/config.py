@@ -30,7 +30,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the transformer: Muon on the hidden matrices (AdamW on the rest) at 1.6e-2, momentum 0.9
     # (sync's best), a per-microbatch cosine after a linear warm-up (8 updates for sync, 120
     # ticks for a pipeline: each measured best), PipeMare's lr / d_k on the delayed stages for
-    # the whole run (not on the AdamW part: embeddings, vectors, output layer, at the full lr),
+    # the whole run and 1.25x sync's lr on every stage of a pipeline (with microbatches of 1
+    # the lr / d_k alone is too cautious; sync itself is worse at 1.25x) (not on the AdamW
+    # part: embeddings, vectors, output layer, at the full lr),
     # less momentum there, set by depth (0.5 at 4 stages: a delay acts as momentum already;
     # 0.9, no less, at 8), the 1F1B timing (delays S(k), half LayerPipe's 2 S(k)), and
     # batches of 4 sequences per update (sync's best on the default data), in a pipeline split
@@ -40,7 +42,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "gpt": dict(epochs=2, batch_size=4, optimizer="adamw", lr=1.6e-2, threads=0, lr_schedule="cosine-step",
                 schedule="pipedream", max_stale_samples=4,
                 compensation=["muon:momentum=0.9,delayed_momentum=depth",
-                              "pipemare:anneal=never,warmup=8,pipeline_warmup=120,pipeline_lr=0.75,adamw=full"]),
+                              "pipemare:anneal=never,warmup=8,pipeline_warmup=120,pipeline_lr=1.25,adamw=full"]),
 }
 _FALLBACK_RECIPE = dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3, threads=0)
 #: settings every recipe has unless it says otherwise

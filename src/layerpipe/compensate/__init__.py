@@ -50,11 +50,24 @@ def parse_spec(text: str) -> Spec:
     return name.strip(), options
 
 
-def check_specs(specs: Iterable[Spec | str]) -> None:
-    """Build the chain once on two scratch parameters (a matrix and a vector), so that a bad
-    name or option is one line before a run starts, not after its first output."""
+def _scratch_chain(specs: Iterable[Spec | str], delay: int, max_delay: int) -> Any:
+    """The chain `specs` builds for a stage of delay `delay`, on two scratch parameters (a
+    matrix and a vector) around plain SGD."""
     scratch = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))]
-    build_optimizer(scratch, 1, list(specs), base=lambda ps: torch.optim.SGD(ps, lr=0.1), max_delay=1)
+    return build_optimizer(scratch, delay, list(specs), base=lambda ps: torch.optim.SGD(ps, lr=0.1),
+                           max_delay=max_delay)
+
+
+def check_specs(specs: Iterable[Spec | str]) -> None:
+    """Build the chain once on scratch parameters, so that a bad name or option is one line
+    before a run starts, not after its first output."""
+    _scratch_chain(specs, 1, 1)
+
+
+def chain_update_period(specs: Sequence[Spec | str], delay: int, max_delay: int) -> int:
+    """`update_period` of the chain `specs` builds for a stage of delay `delay`, without that
+    stage's parameters (another process's replica of its weight strategy needs it)."""
+    return update_period(_scratch_chain(specs, delay, max_delay)) if specs and delay > 0 else 1
 
 
 def build_optimizer(
@@ -131,6 +144,7 @@ __all__ = [
     "attach",
     "attach_stage",
     "build_optimizer",
+    "chain_update_period",
     "check_specs",
     "compensation_bytes",
     "history_bytes",

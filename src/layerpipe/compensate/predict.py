@@ -44,7 +44,7 @@ class Predict(Compensation):
 
     def attach(self, stage: Any) -> None:
         super().attach(stage)
-        if self.delay == 0 or not self._live or self.c == 0:
+        if not self._forecasts:
             return
         strategy = getattr(stage, "strategy", None)
         if isinstance(strategy, UpdateEMA) and strategy._avg is not None and abs(strategy.alpha - self.alpha) < 1e-12:

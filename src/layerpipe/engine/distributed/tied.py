@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerpipe.compensate import build_optimizer, update_period
+from layerpipe.compensate import chain_update_period
 from layerpipe.engine.build import param_users
 from layerpipe.engine.distributed.transport import TIED_GRAD, TIED_VALUE, Comm, Pending
 from layerpipe.engine.saved import TiedGrads
@@ -99,20 +99,11 @@ class TiedLinks:
                             "a tied parameter do not have; choose stash or ema, or untie the parameters")
         options = dict(weight_options or {})
         # the owner's strategy counts its delay in updates: ceil(d_o / A_o), A_o the ticks per
-        # update of the optimizer chain the owner builds from the same compensation specs
-        max_delay = max(spec.delays)
-
-        def owner_delay(o: int) -> int:
-            d = spec.delays[o]
-            if not compensation or d == 0:
-                return d
-            scratch = [nn.Parameter(torch.zeros(2, 2))]
-            chain = build_optimizer(scratch, d, list(compensation), base=lambda ps: torch.optim.SGD(ps, lr=0.1),
-                                    max_delay=max_delay)
-            return -(-d // update_period(chain))
-
-        self.owners = [RemoteOwner(o, layout.rank(o, replica), make_strategy(weights, ps, owner_delay(o), None,
-                                                                             **options), ps)
+        # update of the chain the owner builds from the same compensation specs
+        specs, max_delay = list(compensation or []), max(spec.delays)
+        self.owners = [RemoteOwner(o, layout.rank(o, replica),
+                                   make_strategy(weights, ps, -(-spec.delays[o] // chain_update_period(
+                                       specs, spec.delays[o], max_delay)), None, **options), ps)
                        for o, ps in reads.items()]
         self.grads = TiedGrads()
         self._n, self._base = 0, 0

@@ -46,6 +46,20 @@ def test_schedule_defaults_to_the_models_training_recipe(capsys):
     assert [s["delay"] for s in json.loads(out)["stages"]] == [6, 4, 2, 0]
 
 
+def test_stash_versions_follow_the_recipes_accumulation(capsys):
+    # gpt's recipe at 4 stages (pipedream delays 3,2,1,0) accumulates 4 microbatches per
+    # update: one version per delayed stage, not d_k; --accumulate 1 gives the per-tick count
+    code, out, _ = run(capsys, "--model", "gpt", "--stages", "4", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["accumulate"] == 4
+    assert [s["delay"] for s in doc["stages"]] == [3, 2, 1, 0]
+    assert [s["stash_versions"] for s in doc["stages"]] == [1, 1, 1, 0]
+    code, out, _ = run(capsys, "--model", "gpt", "--stages", "4", "--json", "--accumulate", "1")
+    assert [s["stash_versions"] for s in json.loads(out)["stages"]] == [3, 2, 1, 0]
+    code, out, _ = run(capsys, "--model", "gpt", "--stages", "4")
+    assert "one per update: ceil(delay / 4)" in out
+
+
 def test_default_json(capsys):
     code, out, _ = run(capsys, "--json")
     assert code == 0
@@ -135,6 +149,7 @@ def test_verify_json(capsys):
         (["--layers", "4", "--delays", "6,4,x,0"], "--delays must be integers"),
         (["--layers", "4", "--delays", "6,4,2,-1"], "delays must be >= 0"),
         (["--layers", "4", "--microbatches", "0"], "--microbatches must be a positive integer"),
+        (["--layers", "4", "--accumulate", "0"], "--accumulate must be a positive integer"),
         (["--layers", "4", "--stages", "2", "--balance", "time"], "needs a model"),
         (["--layers", "4", "--png", "/nonexistent-dir/x.png"], "cannot write /nonexistent-dir/x.png"),
     ],

@@ -47,6 +47,40 @@ def test_bytes_from_layer_infos():
     assert make_plan(equal, None, "layerpipe").totals()["bytes"]["ema"] == 3 * 20
 
 
+def test_accumulation_counts_versions_in_updates():
+    # one update every 3 ticks: a version is an update, so stash keeps ceil(d / 3) of them
+    layers = [LayerInfo(str(i), "Linear", params=10 * (i + 1), param_bytes=40 * (i + 1)) for i in range(4)]
+    plan = make_plan(layers, [1, 2, 1], "layerpipe", accumulate=3)
+    assert [l.delay for l in plan.layers] == [4, 2, 2, 0]  # delays stay in ticks
+    assert [l.stash_versions for l in plan.layers] == [2, 1, 1, 0]
+    assert [l.bytes["stash"] for l in plan.layers] == [2 * 40, 1 * 80, 1 * 120, 0]
+    assert [l.bytes["ema"] for l in plan.layers] == [40, 80, 120, 0]
+    assert plan.totals()["bytes"]["stash"] == 280 and plan.to_dict()["accumulate"] == 3
+    with pytest.raises(PlanError, match="accumulate must be a positive integer"):
+        make_plan(layers, None, accumulate=0)
+
+
+def test_planned_stash_bytes_are_what_the_engine_holds_under_accumulation():
+    torch = pytest.importorskip("torch")
+    from layerpipe import Pipeline
+    from layerpipe.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp")
+    for every in (1, 2, 3):
+        pipe = Pipeline(build_model("mlp"), stages=3, weights="stash",
+                        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01),
+                        compensation=[f"accumulate:every={every}"] if every > 1 else None)
+        x, y = torch.randn(4, 40), torch.randint(0, 10, (4,))
+        peak = 0
+        for _ in range(12):
+            pipe.step(x, y)
+            peak = max(peak, pipe.weight_history_bytes())
+        plan = make_plan(model, pipe.stage_sizes, "layerpipe", accumulate=every)
+        assert plan.stage_delays == pipe.delays
+        assert peak == plan.totals()["bytes"]["stash"], every
+
+
 def test_model_bytes_match_torch():
     torch = pytest.importorskip("torch")
     from layerpipe.models import build_model

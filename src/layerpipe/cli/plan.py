@@ -6,6 +6,7 @@
     layerpipe plan --layers 4 --delays 7,5,3,0 --verify     # exit 0: legal (surplus allowed)
     layerpipe plan --layers 4 --delays 6,4,1,0 --verify     # exit 1: layer 3 (stage 2) needs 2 delays, has 1
     layerpipe plan --layers 4 --png schedule.png
+    layerpipe plan --model gpt --stages 8 --accumulate 1      # stash memory without accumulation
 
 Exit status: 0 plan made (and its delays legal), 1 the delays fail the retiming check,
 2 bad input (one line on stderr, printed by `layerpipe.cli.main`).
@@ -69,6 +70,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--microbatches", metavar="M", help="microbatches in the schedule view (default: 2 x stages)"
     )
+    parser.add_argument(
+        "--accumulate", metavar="A",
+        help="ticks per weight update (gradient accumulation): the weight versions count updates, "
+             "ceil(delay / A) (default: what `layerpipe train --model X` runs at these delays, e.g. 4 for gpt; "
+             "1 otherwise)")
     parser.set_defaults(run=run)
     return parser
 
@@ -155,9 +161,12 @@ def render(plan: Plan, report: RetimingReport, grid: str, microbatches: int) -> 
                  *(_fmt_bytes(t["bytes"][k]) for k in plan.strategies)])
     out += [_table(header, rows, left=2), ""]
     unit = "2 S" if plan.schedule == "layerpipe" else "S"
+    kept = ("old weights exact stashing keeps" if plan.accumulate == 1 else
+            f"old weights exact stashing keeps, one per update: ceil(delay / {plan.accumulate}) "
+            f"(gradients of {plan.accumulate} ticks make one update)")
     out.append(f"S: stages downstream; delay: ticks from a forward to the update with its gradient "
-               f"({unit} for {plan.schedule}); versions: old weights exact stashing keeps")
-    out.append(f"weights {_fmt_bytes(t['param_bytes'])}; weight history: stash d_k x weights per stage, "
+               f"({unit} for {plan.schedule}); versions: {kept}")
+    out.append(f"weights {_fmt_bytes(t['param_bytes'])}; weight history: stash versions x weights per stage, "
                "ema one buffer per delayed stage, latest none")
     out.append(f"retiming: {report.message()}")
     out += ["", f"tick schedule ({microbatches} microbatches; F forward, B backward + update):", grid]
@@ -200,8 +209,16 @@ def run(args: argparse.Namespace) -> int:
         from layerpipe.training.config import recipe  # lazy: torch
 
         schedule = recipe(source)["schedule"] if isinstance(source, str) else "layerpipe"
+    accumulate = _positive_int(args.accumulate, "--accumulate") if args.accumulate is not None else None
     plan = make_plan(source, stages, schedule, balance=args.balance, delays=delays,
                      memory=memory_formulas(MEMORY_COLUMNS))
+    if accumulate is None and isinstance(source, str):  # the recipe's, at the plan's delays
+        from layerpipe.training.config import TrainConfig  # lazy: torch
+
+        accumulate = TrainConfig(model=source).accumulation(max(plan.stage_delays))
+    if (accumulate or 1) > 1:
+        plan = make_plan(source, stages, schedule, balance=args.balance, delays=delays,
+                         memory=memory_formulas(MEMORY_COLUMNS), accumulate=accumulate)
     report = verify_delays(plan.stage_sizes, plan.stage_delays, plan.schedule)
     microbatches = given_mb or 2 * plan.num_stages
     ticks = build_schedule(plan.num_stages, microbatches, plan.stage_delays)

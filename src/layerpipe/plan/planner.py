@@ -12,7 +12,9 @@
 Per layer l on stage k: S(l) = K-1-k, the delay d_k in ticks of the chosen schedule (2 S for
 `layerpipe`, S for `pipedream`, or what the user gave), and what keeping weight history costs
 (method.md sec 4): `stash` keeps d_k old versions (d_k * bytes of the layer's parameters),
-`ema` one buffer when d_k > 0, `latest` nothing.
+`ema` one buffer when d_k > 0, `latest` nothing. Under gradient accumulation (one update every
+A ticks) a version is an update, not a tick: the formulas take the delay in updates,
+ceil(d_k / A) (what the engine builds each strategy with).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ MemoryFormulas = Mapping[str, Callable[[int], int]]
 
 def history_bytes(param_bytes: int, delay: int, memory: MemoryFormulas) -> dict[str, int]:
     """Bytes of weight history each strategy holds for parameters of `param_bytes` bytes
-    updated with a delay of `delay` ticks (method.md sec 4), from each strategy's formula."""
+    updated with a delay of `delay` updates (method.md sec 4), from each strategy's formula."""
     return {name: versions(delay) * param_bytes for name, versions in memory.items()}
 
 
@@ -59,7 +61,7 @@ class LayerPlan:
     required_delay: int
     """The least legal delay for the schedule (the delay rule); `delay` may exceed it."""
     stash_versions: int
-    """Old weight versions exact stashing keeps: the delay d_k."""
+    """Old weight versions exact stashing keeps: the delay in updates, ceil(d_k / accumulate)."""
     bytes: dict[str, int]
     """Weight-history bytes per strategy: stash, ema, latest."""
 
@@ -96,6 +98,8 @@ class Plan:
     stages: list[StagePlan]
     delays_given: bool
     """True when the delays came from the user instead of the delay rule."""
+    accumulate: int = 1
+    """Ticks per weight update (gradient accumulation); versions count updates."""
 
     @property
     def num_stages(self) -> int:
@@ -139,6 +143,7 @@ class Plan:
             "num_stages": self.num_stages,
             "stage_sizes": self.stage_sizes,
             "delays_given": self.delays_given,
+            "accumulate": self.accumulate,
             "layers": [asdict(l) for l in self.layers],
             "stages": [asdict(s) for s in self.stages],
             "totals": self.totals(),
@@ -164,6 +169,7 @@ def make_plan(
     delays: Sequence[int] | None = None,
     example_input: Any = None,
     memory: MemoryFormulas | None = None,
+    accumulate: int = 1,
 ) -> Plan:
     """Plan a pipeline.
 
@@ -178,8 +184,12 @@ def make_plan(
     memory:   strategy name -> versions held at delay d, e.g.
               `layerpipe.weights.memory_formulas(["stash", "ema", "latest"])`; None: no
               memory columns.
+    accumulate: ticks per weight update (gradient accumulation): the history formulas take
+              the delay in updates, ceil(d_k / accumulate).
     """
     memory = memory or {}
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise PlanError(f"accumulate must be a positive integer, got {accumulate!r}")
     if schedule not in SCHEDULES:
         raise PlanError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     if balance not in BALANCE_MODES:
@@ -201,7 +211,7 @@ def make_plan(
             raise PlanError(f"{len(per_stage)} delays given but the plan has {num_stages} stages")
         if any(d < 0 for d in per_stage):
             raise PlanError(f"delays must be >= 0, got {','.join(map(str, per_stage))}")
-    layer_plans, stage_plans = _layer_and_stage_plans(layers, sizes, per_stage, rule, costs, memory)
+    layer_plans, stage_plans = _layer_and_stage_plans(layers, sizes, per_stage, rule, costs, memory, accumulate)
     log.debug("plan: %d layers in stages %s, delays %s (%s)", len(layers), sizes, per_stage, schedule)
     return Plan(
         model=model_name,
@@ -211,6 +221,7 @@ def make_plan(
         layers=layer_plans,
         stages=stage_plans,
         delays_given=delays is not None,
+        accumulate=accumulate,
     )
 
 
@@ -240,7 +251,7 @@ def _layer_costs(model: Any, model_name: str | None, layers: Sequence[LayerInfo]
 
 def _layer_and_stage_plans(layers: Sequence[LayerInfo], sizes: Sequence[int], per_stage: Sequence[int],
                            rule: Sequence[int], costs: Sequence[float],
-                           memory: MemoryFormulas) -> tuple[list[LayerPlan], list[StagePlan]]:
+                           memory: MemoryFormulas, accumulate: int = 1) -> tuple[list[LayerPlan], list[StagePlan]]:
     num_stages = len(sizes)
     s_of = downstream_stages(num_stages)
     per_stage_cost = stage_costs(costs, sizes)
@@ -248,6 +259,7 @@ def _layer_and_stage_plans(layers: Sequence[LayerInfo], sizes: Sequence[int], pe
     layer_plans, stage_plans, start = [], [], 0
     for k, n in enumerate(sizes):
         d = per_stage[k]
+        versions = -(-d // accumulate)  # the delay in updates
         members = list(range(start, start + n))
         start += n
         for i in members:
@@ -263,8 +275,8 @@ def _layer_and_stage_plans(layers: Sequence[LayerInfo], sizes: Sequence[int], pe
                     downstream_stages=s_of[k],
                     delay=d,
                     required_delay=rule[k],
-                    stash_versions=d,
-                    bytes=history_bytes(info.param_bytes, d, memory),
+                    stash_versions=versions,
+                    bytes=history_bytes(info.param_bytes, versions, memory),
                 )
             )
         pbytes = sum(layers[i].param_bytes for i in members)
@@ -278,8 +290,8 @@ def _layer_and_stage_plans(layers: Sequence[LayerInfo], sizes: Sequence[int], pe
                 downstream_stages=s_of[k],
                 delay=d,
                 required_delay=rule[k],
-                stash_versions=d,
-                bytes=history_bytes(pbytes, d, memory),
+                stash_versions=versions,
+                bytes=history_bytes(pbytes, versions, memory),
             )
         )
     return layer_plans, stage_plans

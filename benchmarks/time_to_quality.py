@@ -14,6 +14,13 @@ and to be read as a lower bound (the factor grows with depth wherever it was mea
 factor at all: the row shows throughput only. The synchronous schedules (GPipe, 1F1B, ZB-H1)
 have factor 1 by definition. "time vs 1f1b" = factor x 1F1B's throughput / this throughput:
 below 1.00x the schedule reaches the synchronous loss sooner than 1F1B.
+
+`--like-for-like`: the asynchronous schedules update once every M microbatches (gradients
+accumulated, `simulate(..., accumulate=M)`), so every schedule makes the same updates of the
+same batch; their gradients are then at most ceil(d_max / M) updates stale (d_max = K - 1 for
+pipedream, 2 (K - 1) for layerpipe). That is the transformer recipe's setting (at most one
+update stale: microbatches of 1 sequence, 4 per update), so its factors belong there; a row
+whose staleness exceeds one update, where no factor was measured, shows none.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from layerpipe.plan.delays import stage_delays  # noqa: E402
 from layerpipe.simulate import StageCosts, simulate  # noqa: E402
 from layerpipe.simulate.report import fmt_bytes  # noqa: E402
 
@@ -78,30 +86,44 @@ def main() -> int:
     p.add_argument("--factor", action="append", default=[], metavar="MODEL:SCHEDULE:K=X")
     p.add_argument("--stages", default="8,16,32")
     p.add_argument("--microbatches", default="8,32")
+    p.add_argument("--like-for-like", action="store_true",
+                   help="asynchronous schedules update every M microbatches (the synchronous ones' batch)")
     args = p.parse_args()
     factors = {(m, s, k): (x, bound) for m, s, k, x, bound in map(parse_factor, args.factor)}
     stages = [int(v) for v in args.stages.split(",")]
     mbs = [int(v) for v in args.microbatches.split(",")]
     print(f"SIMULATED (layerpipe.simulate), {datetime.now(timezone.utc).isoformat(timespec='seconds')}; "
-          f"factors: {', '.join(args.factor) or 'none'}\n")
-    print("| model | K | M | schedule | samples/s | samples factor | time to sync loss vs 1f1b (at least, where the factor is) | peak memory per stage |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"factors: {', '.join(args.factor) or 'none'}"
+          + ("; asynchronous schedules update every M microbatches" if args.like_for_like else "") + "\n")
+    stale = " | stale updates" if args.like_for_like else ""
+    print(f"| model | K | M | schedule | samples/s | samples factor | time to sync loss vs 1f1b (at least, where the factor is) | peak memory per stage{stale} |")
+    print("|---|---|---|---|---|---|---|---|" + "---|" * bool(stale))
     for model, preset in PRESETS.items():
         for k in stages:
             costs = split_evenly(preset, k)
             for m in mbs:
-                results = {s: simulate(costs, s, m) for s in SCHEDULES}
+                every = m if args.like_for_like else 1
+                results = {s: simulate(costs, s, m, accumulate=every) for s in SCHEDULES}
                 base = results["1f1b"].throughput
                 for s, r in results.items():
+                    staleness = ""
                     if s in ("layerpipe", "pipedream"):
                         f, source = factor_for(factors, model, s, k)
                         mem = fmt_bytes(r.peak_memory("ema"))
+                        if args.like_for_like:
+                            updates = -(-max(stage_delays(k, s)) // every)
+                            staleness = f" | {updates}"
+                            if updates > 1 and f is not None:  # the factors were measured at one
+                                f, source = None, f"not measured ({updates} updates stale)"
+                            elif source.startswith("from"):  # another depth at the same staleness
+                                source = source.split(",")[0] + ", extrapolated"
                     else:
                         f, source, mem = 1.0, "1 (synchronous)", fmt_bytes(r.peak_memory("sync"))
+                        staleness = " | 0" if args.like_for_like else ""
                     time = f"{f * base / r.throughput:.2f}x" if f is not None else "n/a"
                     shown = source if f is None or s not in ("layerpipe", "pipedream") else f"{f:.2f} ({source})"
                     print(f"| {model} | {k} | {m} | {s}{' (ema)' if s in ('layerpipe', 'pipedream') else ''} | "
-                          f"{r.throughput * preset['batch']:.4g} | {shown} | {time} | {mem} |")
+                          f"{r.throughput * preset['batch']:.4g} | {shown} | {time} | {mem}{staleness} |")
     return 0
 
 

@@ -1,24 +1,27 @@
-"""The engine's own per-tick overhead, apart from the arithmetic a weight strategy must do.
+"""Where a strategy's per-tick time over `sync` goes: its copies and passes, the backward's
+reads of weights that are not the live ones, and the engine's own bookkeeping.
 
     .venv/bin/python benchmarks/engine_overhead.py [--models cnn1d,mlp-512,mlp-ln-128] [--depths 2,4,8]
 
 Issue 15's per-tick targets (latest 1.03x sync, stash 1.08x, ema 1.05x on
-`strategy_overhead.py`'s models) mix two things: the engine's bookkeeping (versions, swaps,
-hooks, Python per tick), which item 1 asks to make near zero, and the memory passes a strategy
-cannot do without: `stash` copies a delayed stage's weights once per update, `ema` makes two
-in-place passes over its buffer (`weights/ema.py`). This script times each tick through
-`Pipeline` (SGD momentum, 1 torch thread, CPU time, as `tick_time.py`) and, in the same ticks,
-the strategy's `before_update`, `after_update` and `backward_weights` (the passes; a timer
-around each call, about 0.5 us), interleaved over repeats; per cell the medians of
+`strategy_overhead.py`'s models) mix what item 1 asks to make near zero (versions, swaps,
+release, Python per tick) with memory traffic a strategy cannot do without. Each cell times,
+through `Pipeline` (SGD momentum, 1 torch thread, CPU time per tick, interleaved repeats,
+medians), the strategies and three timing-only variants whose numbers are wrong on purpose:
 
-  - time / sync: what `strategy_overhead.py` reports;
-  - passes / sync: the strategy's arithmetic;
-  - (time - passes) / sync: the engine's own overhead (1.00x: none).
+  - `stash, no copy`: a version buffer is filled once and never again (`FlatBuffer.copy_from`
+    a no-op after its first call): stash without its copy per update;
+  - `stash, no copy, no swap`: also, the backward runs on the live weights (no storage swap,
+    the version looked up and released as usual): stash's bookkeeping alone;
+  - `ema, no swap`: ema's passes and bookkeeping, its backward on the live weights.
+
+Then, over sync's tick: stash's copy = stash - (no copy); the backward's reads of the stashed
+version = (no copy) - (no copy, no swap); stash's bookkeeping = (no copy, no swap) - latest;
+ema's passes and bookkeeping = (ema, no swap) - latest; ema's backward reads = ema - (no swap).
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import sys
 import time
@@ -30,86 +33,91 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strategy_overhead import MODELS, TARGETS, batch_for  # noqa: E402
 
+import layerpipe.engine.stage as stage_module  # noqa: E402
 from layerpipe import Pipeline  # noqa: E402
 from layerpipe.report.records import environment  # noqa: E402
-from layerpipe.weights.ema import UpdateEMA  # noqa: E402
-from layerpipe.weights.stash import Stash  # noqa: E402
+from layerpipe.weights.flat import FlatBuffer  # noqa: E402
 
-PASSES = ("before_update", "after_update", "backward_weights")
-SPENT = [0.0]  # CPU seconds inside the timed strategy methods
+COPY, SWAPPED = FlatBuffer.copy_from, stage_module.Stage._backward_swapped
 
 
-def instrument() -> None:
-    for cls in (Stash, UpdateEMA):
-        for name in PASSES:
-            f = getattr(cls, name)
-
-            @functools.wraps(f)
-            def timed(*a, _f=f, **k):
-                t = time.process_time()
-                try:
-                    return _f(*a, **k)
-                finally:
-                    SPENT[0] += time.process_time() - t
-            setattr(cls, name, timed)
+def _copy_once(self: FlatBuffer, tensors) -> None:
+    if not getattr(self, "_filled", False):
+        COPY(self, tensors)
+        self._filled = True
 
 
-def one(model: str, k: int, weights: str, ticks: int) -> tuple[float, float]:
-    """(ms per tick, ms of strategy passes per tick)."""
-    make, batch = MODELS[model]
-    data = [batch_for(model, batch) for _ in range(8)]
-    torch.manual_seed(0)
-    pipe = Pipeline(make(), stages=k, weights=weights, loss_fn=F.cross_entropy,
-                    optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9))
-    for i in range(20):
-        pipe.step(*data[i % 8])
-    SPENT[0] = 0.0
-    start = time.process_time()
-    for i in range(ticks):
-        pipe.step(*data[i % 8])
-    return (time.process_time() - start) / ticks * 1e3, SPENT[0] / ticks * 1e3
+def _backward_live(self: stage_module.Stage, item, grad_output) -> None:
+    self.strategy.backward_weights(item.version)
+    try:
+        stage_module._run_backward(item.output, grad_output, self.is_last)
+    finally:
+        self.strategy.release(item.version)
+
+
+#: name: (strategy, skip the copy, skip the swap)
+VARIANTS = {"sync": ("sync", False, False), "latest": ("latest", False, False), "stash": ("stash", False, False),
+            "stash, no copy": ("stash", True, False), "stash, no copy, no swap": ("stash", True, True),
+            "ema": ("ema", False, False), "ema, no swap": ("ema", False, True)}
+
+
+def tick_ms(model: str, k: int, variant: str, ticks: int) -> float:
+    weights, no_copy, no_swap = VARIANTS[variant]
+    FlatBuffer.copy_from = _copy_once if no_copy else COPY  # type: ignore[method-assign]
+    stage_module.Stage._backward_swapped = _backward_live if no_swap else SWAPPED  # type: ignore[method-assign]
+    try:
+        make, batch = MODELS[model]
+        data = [batch_for(model, batch) for _ in range(8)]
+        torch.manual_seed(0)
+        pipe = Pipeline(make(), stages=k, weights=weights, loss_fn=F.cross_entropy,
+                        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9))
+        for i in range(20):
+            pipe.step(*data[i % 8])
+        start = time.process_time()
+        for i in range(ticks):
+            pipe.step(*data[i % 8])
+        return (time.process_time() - start) / ticks * 1e3
+    finally:
+        FlatBuffer.copy_from, stage_module.Stage._backward_swapped = COPY, SWAPPED  # type: ignore[method-assign]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="cnn1d,mlp-512,mlp-ln-128")
     p.add_argument("--depths", default="2,4,8")
-    p.add_argument("--ticks", type=int, default=120)
+    p.add_argument("--ticks", type=int, default=150)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(1)
-    instrument()
     env = environment()
     print(f"Command: `python benchmarks/engine_overhead.py --models {args.models} --depths {args.depths} "
           f"--ticks {args.ticks} --repeats {args.repeats}`  ")
     print(f"Machine: {env['processor']}, {env['cpus']} CPUs, 1 torch thread; torch {env['torch']}; "
           f"date {env['date']}; commit {env['commit']}\n")
-    print("| model | K | sync ms/tick | latest | stash | stash passes | stash engine | ema | ema passes | ema engine |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("Time per tick over sync's; the parts are differences of those ratios (module docstring).\n")
+    print("| model | K | sync ms/tick | latest | stash | stash: copy | stash: backward reads | stash: bookkeeping "
+          "| ema | ema: passes + bookkeeping | ema: backward reads |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model in args.models.split(","):
+        make, _ = MODELS[model]
         for k in (int(v) for v in args.depths.split(",")):
-            make, _ = MODELS[model]
             if k > len(make()):
                 continue
-            runs: dict[str, list[tuple[float, float]]] = {}
+            runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for _ in range(args.repeats):
-                for w in ("sync", "latest", "stash", "ema"):
-                    runs.setdefault(w, []).append(one(model, k, w, args.ticks))
-            sync = statistics.median(t for t, _ in runs["sync"])
+                for v in VARIANTS:
+                    runs[v].append(tick_ms(model, k, v, args.ticks))
+            med = {v: statistics.median(t) for v, t in runs.items()}
+            r = {v: t / med["sync"] for v, t in med.items()}
 
-            def cell(w: str) -> list[str]:
-                t = statistics.median(t for t, _ in runs[w])
-                passes = statistics.median(s for _, s in runs[w])
-                engine = statistics.median(t - s for t, s in runs[w])
-                mark = "" if t / sync <= TARGETS[w] else " (NOT met)"
-                out = [f"{t / sync:.3f}x{mark}"]
-                if w != "latest":
-                    out += [f"{passes / sync:.3f}", f"{engine / sync:.3f}x"]
-                return out
+            def ratio(w: str) -> str:
+                return f"{r[w]:.3f}x" + ("" if r[w] <= TARGETS[w] else " (NOT met)")
 
-            print(f"| {model} | {k} | {sync:.2f} | " + " | ".join(cell("latest") + cell("stash") + cell("ema")) + " |")
-    print("\npasses: the strategy's before_update, after_update and backward_weights (copies, EMA passes) "
-          "as a share of sync's tick; engine: the tick without them, over sync's")
+            cells = [ratio("latest"), ratio("stash"), f"{r['stash'] - r['stash, no copy']:+.3f}",
+                     f"{r['stash, no copy'] - r['stash, no copy, no swap']:+.3f}",
+                     f"{r['stash, no copy, no swap'] - r['latest']:+.3f}", ratio("ema"),
+                     f"{r['ema, no swap'] - r['latest']:+.3f}", f"{r['ema'] - r['ema, no swap']:+.3f}"]
+            print(f"| {model} | {k} | {med['sync']:.2f} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 

@@ -60,6 +60,18 @@ def test_stash_versions_follow_the_recipes_accumulation(capsys):
     assert "one per update: ceil(delay / 4)" in out
 
 
+def test_model_options_as_train_takes_them(capsys):
+    # the recipe's 8-stage GPT (n_layer=6): delays 7..0, four ticks per update
+    code, out, _ = run(capsys, "--model", "gpt", "--stages", "8", "--model-option", "n_layer=6", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["num_layers"] == 8 and doc["accumulate"] == 4
+    assert [s["stash_versions"] for s in doc["stages"]] == [2, 2, 2, 1, 1, 1, 1, 0]
+    from layerpipe.models import build_model
+
+    model = build_model("gpt", n_layer=6)
+    assert doc["totals"]["params"] == sum(p.numel() for p in model.parameters())
+
+
 def test_default_json(capsys):
     code, out, _ = run(capsys, "--json")
     assert code == 0
@@ -150,6 +162,8 @@ def test_verify_json(capsys):
         (["--layers", "4", "--delays", "6,4,2,-1"], "delays must be >= 0"),
         (["--layers", "4", "--microbatches", "0"], "--microbatches must be a positive integer"),
         (["--layers", "4", "--accumulate", "0"], "--accumulate must be a positive integer"),
+        (["--layers", "4", "--model-option", "n_layer=6"], "--model-option needs --model"),
+        (["--model", "gpt", "--model-option", "nope=1"], "model 'gpt' has no option nope"),
         (["--layers", "4", "--stages", "2", "--balance", "time"], "needs a model"),
         (["--layers", "4", "--png", "/nonexistent-dir/x.png"], "cannot write /nonexistent-dir/x.png"),
     ],

@@ -136,6 +136,7 @@ def test_given_costs_and_delays():
         ({"source": "nope"}, "unknown model 'nope'"),
         ({"source": 0}, "positive integer"),
         ({"source": 3, "stages": 4}, "4 stages but only 3 layers"),
+        ({"source": 4, "model_options": {"n_layer": 2}}, "model options need a model of the zoo by name"),
     ],
 )
 def test_plan_errors(kwargs, message):

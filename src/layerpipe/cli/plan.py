@@ -6,7 +6,7 @@
     layerpipe plan --layers 4 --delays 7,5,3,0 --verify     # exit 0: legal (surplus allowed)
     layerpipe plan --layers 4 --delays 6,4,1,0 --verify     # exit 1: layer 3 (stage 2) needs 2 delays, has 1
     layerpipe plan --layers 4 --png schedule.png
-    layerpipe plan --model gpt --stages 8 --accumulate 1      # stash memory without accumulation
+    layerpipe plan --model gpt --stages 8 --model-option n_layer=6 --accumulate 1   # no accumulation
 
 Exit status: 0 plan made (and its delays legal), 1 the delays fail the retiming check,
 2 bad input (one line on stderr, printed by `layerpipe.cli.main`).
@@ -47,6 +47,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="NAME", help="a model of the zoo (layerpipe.models.MODEL_NAMES)")
     source.add_argument("--layers", metavar="N", help="plan N anonymous layers (no parameters)")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="builder option of the --model, repeatable, as for `layerpipe train` (e.g. n_layer=6)")
     parser.add_argument(
         "--stages",
         metavar="K|N1,N2,...",
@@ -200,6 +202,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = args.model if args.model is not None else _positive_int(args.layers, "--layers")
         stages = parse_stages(args.stages)
+    if args.model_option and args.model is None:
+        raise LayerpipeError("--model-option needs --model")
+    from layerpipe.cli.common import parse_model_options
+
+    model_options = parse_model_options(args.model_option)
     delays = parse_int_list(args.delays, "--delays") if args.delays is not None else None
     given_mb = _positive_int(args.microbatches, "--microbatches") if args.microbatches is not None else None
     from layerpipe.weights import memory_formulas  # lazy: torch
@@ -211,14 +218,14 @@ def run(args: argparse.Namespace) -> int:
         schedule = recipe(source)["schedule"] if isinstance(source, str) else "layerpipe"
     accumulate = _positive_int(args.accumulate, "--accumulate") if args.accumulate is not None else None
     plan = make_plan(source, stages, schedule, balance=args.balance, delays=delays,
-                     memory=memory_formulas(MEMORY_COLUMNS))
+                     memory=memory_formulas(MEMORY_COLUMNS), model_options=model_options)
     if accumulate is None and isinstance(source, str):  # the recipe's, at the plan's delays
         from layerpipe.training.config import TrainConfig  # lazy: torch
 
         accumulate = TrainConfig(model=source).accumulation(max(plan.stage_delays))
     if (accumulate or 1) > 1:
         plan = make_plan(source, stages, schedule, balance=args.balance, delays=delays,
-                         memory=memory_formulas(MEMORY_COLUMNS), accumulate=accumulate)
+                         memory=memory_formulas(MEMORY_COLUMNS), accumulate=accumulate, model_options=model_options)
     report = verify_delays(plan.stage_sizes, plan.stage_delays, plan.schedule)
     microbatches = given_mb or 2 * plan.num_stages
     ticks = build_schedule(plan.num_stages, microbatches, plan.stage_delays)

@@ -11,7 +11,7 @@ imported only when a model is actually given.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,13 +70,14 @@ def module_layers(model: Any) -> list[LayerInfo]:
     return layers
 
 
-def load_model(name: str) -> Any:
-    """Build a model of the zoo by name; unknown names are a `PlanError` (torch is imported here)."""
+def load_model(name: str, options: Mapping[str, Any] | None = None) -> Any:
+    """Build a model of the zoo by name, with its builder's `options` (`n_layer=6`); unknown
+    names and options are a `PlanError` (torch is imported here)."""
     from layerpipe import models  # lazy: importing the zoo imports torch
 
     if name not in models.MODEL_NAMES:
         raise PlanError(f"unknown model {name!r}; choose one of: {', '.join(models.MODEL_NAMES)}")
-    return models.build_model(name)
+    return models.build_model(name, **dict(options or {}))
 
 
 def describe_layers(source: LayerSource) -> list[LayerInfo]:

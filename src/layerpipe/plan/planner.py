@@ -170,6 +170,7 @@ def make_plan(
     example_input: Any = None,
     memory: MemoryFormulas | None = None,
     accumulate: int = 1,
+    model_options: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Plan a pipeline.
 
@@ -186,6 +187,7 @@ def make_plan(
               memory columns.
     accumulate: ticks per weight update (gradient accumulation): the history formulas take
               the delay in updates, ceil(d_k / accumulate).
+    model_options: builder options of a zoo model named by `source` (e.g. n_layer=6 for gpt).
     """
     memory = memory or {}
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
@@ -195,7 +197,9 @@ def make_plan(
     if balance not in BALANCE_MODES:
         raise PlanError(f"unknown balance {balance!r}; choose one of: {', '.join(BALANCE_MODES)}")
     model_name = source if isinstance(source, str) else None
-    model = load_model(source) if isinstance(source, str) else source
+    if model_options and not isinstance(source, str):
+        raise PlanError("model options need a model of the zoo by name")
+    model = load_model(source, model_options) if isinstance(source, str) else source
     layers = describe_layers(model)
     costs, mode, cost_unit = _layer_costs(model, model_name, layers, stages, costs, balance, example_input)
     if len(costs) != len(layers):

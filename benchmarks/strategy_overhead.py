@@ -57,8 +57,23 @@ def cnn1d() -> nn.Sequential:
     return build_model("cnn1d")
 
 
+class ClassesFirst(nn.Module):
+    """(B, T, vocab) logits -> (B, vocab, T), the layout `F.cross_entropy` takes with (B, T) targets."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+
+def tiny_gpt() -> nn.Sequential:
+    """The zoo's GPT at width 32 (6 blocks, 2 heads): many small parameters per stage (12 a
+    block), ticks of a few ms."""
+    from layerpipe.models import build_model
+
+    return nn.Sequential(*build_model("gpt", d_model=32, n_layer=6, n_head=2), ClassesFirst())
+
+
 #: name: (builder, batch size)
-MODELS = {"cnn1d": (cnn1d, 32), "mlp-512": (wide_mlp, 64), "mlp-ln-128": (ln_mlp, 32)}
+MODELS = {"cnn1d": (cnn1d, 32), "mlp-512": (wide_mlp, 64), "mlp-ln-128": (ln_mlp, 32), "gpt-32": (tiny_gpt, 2)}
 
 
 def batch_for(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +81,9 @@ def batch_for(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(n, 256), torch.randint(0, 10, (n,))
     if name == "mlp-ln-128":
         return torch.randn(n, 64), torch.randint(0, 10, (n,))
+    if name == "gpt-32":  # n sequences of 32 bytes, the next byte as target
+        tokens = torch.randint(0, 256, (n, 33))
+        return tokens[:, :32], tokens[:, 1:]
     from layerpipe.models import example_input
 
     return example_input("cnn1d", n), torch.randint(0, 10, (n,))
@@ -116,7 +134,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--depths", default="2,4,8")
     p.add_argument("--clock", default="wall", choices=tuple(CLOCKS), help="wall (default) or cpu (process CPU time)")
-    p.add_argument("--models", default="cnn1d,mlp-512", help="comma-separated: cnn1d, mlp-512, mlp-ln-128")
+    p.add_argument("--models", default="cnn1d,mlp-512", help="comma-separated: cnn1d, mlp-512, mlp-ln-128, gpt-32")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="also write the report to this Markdown file")
     args = p.parse_args()

@@ -187,6 +187,36 @@ def test_a_version_in_a_shared_buffer_is_copied_before_the_swap(monkeypatch):
     assert flat[0] == exact[0] and all(torch.equal(a, b) for a, b in zip(flat[1], exact[1]))
 
 
+def test_a_buffer_keeps_its_checked_swap_pairs_for_its_stage_only():
+    """The per-parameter checks of a swap run once per strategy buffer: a stash buffer keeps
+    (live storage, its own storage) pairs for the stage's current storages; a stage that
+    re-indexes its parameters checks again, and training is the same either way."""
+    from layerpipe.weights import BufferViews
+
+    def train(reindex: bool) -> tuple[list[float], list[torch.Tensor], Pipeline]:
+        model = _model()
+        pipe = Pipeline(model, stages=[2, 2, 1], weights="stash", optimizer=_sgd)
+        losses = []
+        for i, (x, y) in enumerate(_batches(12)):
+            if reindex and i == 6:
+                for stage in pipe.stages:
+                    stage._index_params()  # new tuples of live storages: the kept pairs go stale
+            losses += [float(v) for v in pipe.step(x, y).losses.values()]
+        return losses, [p.detach().clone() for p in model.parameters()], pipe
+
+    plain, again = train(False), train(True)
+    assert plain[0] == again[0] and all(torch.equal(a, b) for a, b in zip(plain[1], again[1]))
+    for pipe in (plain[2], again[2]):
+        stage = pipe.stages[0]
+        buffers = list(stage.strategy._saved.values()) + stage.strategy._free
+        assert buffers and all(type(b.views) is BufferViews for b in buffers)
+        checked = [b for b in buffers if b.views.checked_for is stage._live_storages]
+        assert checked  # the backward of the last ticks used kept pairs of the current tuple
+        for b in checked:
+            assert [theirs.data_ptr() for _, theirs in b.views.swap_pairs] == [t.data_ptr() for t in b.views]
+            assert [live.data_ptr() for live, _ in b.views.swap_pairs] == [p.data_ptr() for p in stage.params]
+
+
 def test_a_version_of_the_wrong_shape_is_refused(monkeypatch):
     """Swapping storages trusts shape and dtype: a strategy that breaks them gets one clear error."""
     from layerpipe.errors import LayerpipeError

@@ -23,7 +23,8 @@ and every parameter of a stage owns its storage: the stage skips the hooks, what
 from autograd as above, and for the backward the storage of each parameter is swapped, in
 O(1) and without a copy, with that of the tensor the strategy gives (a stashed version, the
 EMA reconstruction), so what autograd saved, views included, reads that version; the swap is
-undone after the backward. Not with autocast (the cast copy holds the forward's weights), tied
+undone after the backward. The checks that keep the swap memory-safe (dtype, shape, a storage
+of its own) run once per buffer a strategy keeps (`BufferViews`), not per backward. Not with autocast (the cast copy holds the forward's weights), tied
 parameters or a compensation's forward context: those keep the hooks.
 
 Two other forms a weight takes before autograd saves it are handled the same way:
@@ -65,7 +66,7 @@ from layerpipe.compensate import history_bytes, steps_now, update_period
 from layerpipe.engine.saved import (STRIDED, ParamRef, TiedGrads, owns_storage, same_tensor, set_versions,
                                     storage_spans, swap_storages)
 from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
-from layerpipe.weights import WeightStrategy
+from layerpipe.weights import BufferViews, WeightStrategy
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -379,20 +380,7 @@ class Stage:
         Version counters do not move: a swap is no in-place operation."""
         assert swap_storages is not None  # `swaps` needs it
         weights = self.strategy.backward_weights(item.version)
-        pairs = []
-        if weights is not self.strategy.params:
-            for p, live, w in zip(self._live_data, self._live_storages, weights):
-                theirs = w.untyped_storage()
-                if theirs.data_ptr() == live.data_ptr():  # the live weights themselves
-                    continue
-                if w.dtype != p.dtype or w.shape != p.shape:
-                    raise LayerpipeError(f"weight strategy {self.strategy.name!r} gave the backward a {w.dtype} "
-                                         f"{tuple(w.shape)} tensor for a {p.dtype} {tuple(p.shape)} parameter")
-                # the check that keeps memory safe: the version fills a storage like the live one
-                if w.storage_offset() or theirs.nbytes() != live.nbytes() or theirs.device != live.device \
-                        or not w.is_contiguous():
-                    theirs = torch.empty_like(p).copy_(w).untyped_storage()  # a view into a shared buffer
-                pairs.append((live, theirs))
+        pairs = [] if weights is self.strategy.params else self._swap_pairs(weights)
         for a, b in pairs:
             swap_storages(a, b)
         try:
@@ -401,6 +389,31 @@ class Stage:
             for a, b in pairs:
                 swap_storages(a, b)
             self.strategy.release(item.version)
+
+    def _swap_pairs(self, weights: list[Tensor]) -> list[tuple[Any, Any]]:
+        """(live storage, version's storage) per parameter whose version is not the live
+        weights, each checked to fill a storage like the live one (memory safety). A strategy's
+        own buffer (`BufferViews`) keeps its checked pairs: the per-parameter checks run once
+        per buffer, not once per backward."""
+        if type(weights) is BufferViews and weights.checked_for is self._live_storages:
+            return weights.swap_pairs
+        pairs, copied = [], False
+        for p, live, w in zip(self._live_data, self._live_storages, weights):
+            theirs = w.untyped_storage()
+            if theirs.data_ptr() == live.data_ptr():  # the live weights themselves
+                continue
+            if w.dtype != p.dtype or w.shape != p.shape:
+                raise LayerpipeError(f"weight strategy {self.strategy.name!r} gave the backward a {w.dtype} "
+                                     f"{tuple(w.shape)} tensor for a {p.dtype} {tuple(p.shape)} parameter")
+            # the check that keeps memory safe: the version fills a storage like the live one
+            if w.storage_offset() or theirs.nbytes() != live.nbytes() or theirs.device != live.device \
+                    or not w.is_contiguous():
+                theirs = torch.empty_like(p).copy_(w).untyped_storage()  # a view into a shared buffer
+                copied = True
+            pairs.append((live, theirs))
+        if type(weights) is BufferViews and not copied:  # a copy is made afresh for each backward
+            weights.checked_for, weights.swap_pairs = self._live_storages, pairs
+        return pairs
 
     def _exchange_tied(self, mb: int, saved: list[Tensor | None]) -> None:
         """Park this stage's part of the gradient of tied parameters owned elsewhere (their

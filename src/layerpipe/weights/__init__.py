@@ -22,7 +22,7 @@ from layerpipe.weights import simple as _simple  # noqa: F401
 from layerpipe.weights import estimators as _estimators  # noqa: F401
 from layerpipe.weights import probe as _probe  # noqa: F401
 from layerpipe.weights.base import WeightStrategy
-from layerpipe.weights.flat import FlatBuffer
+from layerpipe.weights.flat import BufferViews, FlatBuffer
 from layerpipe.weights.registry import (
     make_strategy,
     memory_formulas,
@@ -36,6 +36,7 @@ for _module in pkgutil.iter_modules(__path__):  # any other strategy file in thi
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "BufferViews",
     "FlatBuffer",
     "WeightStrategy",
     "make_strategy",

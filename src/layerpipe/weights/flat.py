@@ -17,6 +17,15 @@ import torch
 from torch import Tensor
 
 
+class BufferViews(list):
+    """`FlatBuffer.views`: a list that lives as long as its buffer, so the engine may keep
+    per-buffer facts on it (`swap_pairs`: the storages it checked once for the swap of a
+    backward, valid while `checked_for` is the stage's tuple of live storages)."""
+
+    checked_for: object = None
+    swap_pairs: list = []
+
+
 class FlatBuffer:
     """Storage shaped like `params`: `views[i]` has `params[i]`'s shape, dtype and device."""
 
@@ -24,7 +33,7 @@ class FlatBuffer:
         make = torch.zeros if zero else torch.empty
         if separate:
             self.flats = [make(p.shape, dtype=p.dtype, device=p.device) for p in params]
-            self.views = list(self.flats)
+            self.views = BufferViews(self.flats)
             self.nbytes = sum(f.numel() * f.element_size() for f in self.flats)
             return
         groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
@@ -41,7 +50,7 @@ class FlatBuffer:
                 views[i] = flat[offset : offset + n].view(params[i].shape)
                 offset += n
             self.flats.append(flat)
-        self.views: list[Tensor] = [v for v in views if v is not None]
+        self.views: list[Tensor] = BufferViews(v for v in views if v is not None)
         #: bytes actually allocated, counted from the tensors held (fixed: read every tick)
         self.nbytes = sum(f.numel() * f.element_size() for f in self.flats)
 

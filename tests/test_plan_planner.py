@@ -56,6 +56,10 @@ def test_accumulation_counts_versions_in_updates():
     assert [l.bytes["stash"] for l in plan.layers] == [2 * 40, 1 * 80, 1 * 120, 0]
     assert [l.bytes["ema"] for l in plan.layers] == [40, 80, 120, 0]
     assert plan.totals()["bytes"]["stash"] == 280 and plan.to_dict()["accumulate"] == 3
+    # a rule (a recipe's) gets the plan's largest delay and gives the same plan
+    seen = []
+    ruled = make_plan(layers, [1, 2, 1], "layerpipe", accumulate=lambda d: seen.append(d) or 3)
+    assert seen == [4] and ruled == plan
     with pytest.raises(PlanError, match="accumulate must be a positive integer"):
         make_plan(layers, None, accumulate=0)
 

@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = args.model if args.model is not None else _positive_int(args.layers, "--layers")
         stages = parse_stages(args.stages)
-    if args.model_option and args.model is None:
+    if args.model_option and not isinstance(source, str):
         raise LayerpipeError("--model-option needs --model")
     from layerpipe.cli.common import parse_model_options
 
@@ -216,16 +216,15 @@ def run(args: argparse.Namespace) -> int:
         from layerpipe.training.config import recipe  # lazy: torch
 
         schedule = recipe(source)["schedule"] if isinstance(source, str) else "layerpipe"
-    accumulate = _positive_int(args.accumulate, "--accumulate") if args.accumulate is not None else None
-    plan = make_plan(source, stages, schedule, balance=args.balance, delays=delays,
-                     memory=memory_formulas(MEMORY_COLUMNS), model_options=model_options)
-    if accumulate is None and isinstance(source, str):  # the recipe's, at the plan's delays
+    accumulate: Any = 1
+    if args.accumulate is not None:
+        accumulate = _positive_int(args.accumulate, "--accumulate")
+    elif isinstance(source, str):  # the recipe's, at the plan's delays
         from layerpipe.training.config import TrainConfig  # lazy: torch
 
-        accumulate = TrainConfig(model=source).accumulation(max(plan.stage_delays))
-    if (accumulate or 1) > 1:
-        plan = make_plan(source, stages, schedule, balance=args.balance, delays=delays,
-                         memory=memory_formulas(MEMORY_COLUMNS), accumulate=accumulate, model_options=model_options)
+        accumulate = TrainConfig(model=source).accumulation
+    plan = make_plan(source, stages, schedule, balance=args.balance, delays=delays,
+                     memory=memory_formulas(MEMORY_COLUMNS), accumulate=accumulate, model_options=model_options)
     report = verify_delays(plan.stage_sizes, plan.stage_delays, plan.schedule)
     microbatches = given_mb or 2 * plan.num_stages
     ticks = build_schedule(plan.num_stages, microbatches, plan.stage_delays)

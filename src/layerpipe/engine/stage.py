@@ -66,6 +66,7 @@ from layerpipe.compensate import history_bytes, steps_now, update_period
 from layerpipe.engine.saved import (STRIDED, ParamRef, TiedGrads, owns_storage, same_tensor, set_versions,
                                     storage_spans, swap_storages)
 from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
+from layerpipe.plan.delays import delay_in_updates
 from layerpipe.weights import BufferViews, WeightStrategy
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -159,7 +160,7 @@ class Stage:
         #: ticks per weight update (A where gradients are accumulated): the strategy counts
         #: versions in updates, so its delay is ceil(d_k / A) of them
         self.update_period = update_period(self.optimizer)
-        self.strategy = strategy_factory(self.owned, -(-delay // self.update_period), self.optimizer)
+        self.strategy = strategy_factory(self.owned, delay_in_updates(delay, self.update_period), self.optimizer)
         #: whether the last `update` changed the weights (the distributed runtime tells a tied
         #: parameter's other readers)
         self.stepped = False

@@ -11,7 +11,7 @@ equalises), `partition` (layers -> stages), `delays` (the delay rule), `planner`
 `spec` (the validated `PipelineSpec` the engines run).
 Pure Python: torch is imported only to read a model or time its layers.
 """
-from layerpipe.plan.delays import SCHEDULES, downstream_stages, layer_delays, stage_delays
+from layerpipe.plan.delays import SCHEDULES, delay_in_updates, downstream_stages, layer_delays, stage_delays
 from layerpipe.plan.layers import LayerInfo, describe_layers
 from layerpipe.plan.partition import balanced_partition, parse_stages, resolve_partition
 from layerpipe.plan.planner import LayerPlan, Plan, StagePlan, history_bytes, make_plan
@@ -35,6 +35,7 @@ __all__ = [
     "balanced_partition",
     "parse_stages",
     "describe_layers",
+    "delay_in_updates",
     "downstream_stages",
     "history_bytes",
     "layer_delays",

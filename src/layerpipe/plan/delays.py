@@ -23,6 +23,12 @@ def stage_delays(num_stages: int, schedule: str = "layerpipe") -> list[int]:
     return [factor * s for s in downstream_stages(num_stages)]
 
 
+def delay_in_updates(delay: int, every: int) -> int:
+    """A delay of `delay` ticks counted in weight updates, one every `every` ticks (gradient
+    accumulation): ceil(delay / every), the versions of the weights it spans."""
+    return -(-delay // every)
+
+
 def layer_delays(stage_sizes: Sequence[int], schedule: str = "layerpipe") -> list[int]:
     """Per-layer delays: every layer of a stage shares the stage's delay."""
     per_stage = stage_delays(len(stage_sizes), schedule)

@@ -25,7 +25,7 @@ from typing import Any
 
 from layerpipe.errors import PlanError
 from layerpipe.plan.costs import BALANCE_MODES, measure_layer_times, param_costs
-from layerpipe.plan.delays import SCHEDULES, downstream_stages, stage_delays
+from layerpipe.plan.delays import SCHEDULES, delay_in_updates, downstream_stages, stage_delays
 from layerpipe.plan.layers import LayerInfo, LayerSource, describe_layers, load_model
 from layerpipe.plan.partition import resolve_partition, stage_costs
 
@@ -169,7 +169,7 @@ def make_plan(
     delays: Sequence[int] | None = None,
     example_input: Any = None,
     memory: MemoryFormulas | None = None,
-    accumulate: int = 1,
+    accumulate: int | Callable[[int], int] = 1,
     model_options: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Plan a pipeline.
@@ -186,12 +186,11 @@ def make_plan(
               `layerpipe.weights.memory_formulas(["stash", "ema", "latest"])`; None: no
               memory columns.
     accumulate: ticks per weight update (gradient accumulation): the history formulas take
-              the delay in updates, ceil(d_k / accumulate).
+              the delay in updates, ceil(d_k / accumulate); or a rule giving it from the
+              plan's largest delay (a training recipe's, `TrainConfig.accumulation`).
     model_options: builder options of a zoo model named by `source` (e.g. n_layer=6 for gpt).
     """
     memory = memory or {}
-    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-        raise PlanError(f"accumulate must be a positive integer, got {accumulate!r}")
     if schedule not in SCHEDULES:
         raise PlanError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     if balance not in BALANCE_MODES:
@@ -215,6 +214,10 @@ def make_plan(
             raise PlanError(f"{len(per_stage)} delays given but the plan has {num_stages} stages")
         if any(d < 0 for d in per_stage):
             raise PlanError(f"delays must be >= 0, got {','.join(map(str, per_stage))}")
+    if callable(accumulate):
+        accumulate = accumulate(max(per_stage))
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise PlanError(f"accumulate must be a positive integer, got {accumulate!r}")
     layer_plans, stage_plans = _layer_and_stage_plans(layers, sizes, per_stage, rule, costs, memory, accumulate)
     log.debug("plan: %d layers in stages %s, delays %s (%s)", len(layers), sizes, per_stage, schedule)
     return Plan(
@@ -263,7 +266,7 @@ def _layer_and_stage_plans(layers: Sequence[LayerInfo], sizes: Sequence[int], pe
     layer_plans, stage_plans, start = [], [], 0
     for k, n in enumerate(sizes):
         d = per_stage[k]
-        versions = -(-d // accumulate)  # the delay in updates
+        versions = delay_in_updates(d, accumulate)
         members = list(range(start, start + n))
         start += n
         for i in members:

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from layerpipe.errors import LayerpipeError
-from layerpipe.plan.delays import stage_delays
+from layerpipe.plan.delays import delay_in_updates, stage_delays
 from layerpipe.simulate.costs import StageCosts
 from layerpipe.simulate.engine import Op, Policy, Simulation, StaticPolicy, Timeline, pipeline_deps
 
@@ -45,7 +45,7 @@ def history_copies(strategy: str, delay: int, accumulate: int = 1) -> int:
     """Copies of a stage's weights its weight history holds at a delay of `delay` ticks, with
     one update every `accumulate` ticks (versions count updates: ceil(delay / accumulate))."""
     if strategy == "stash":
-        return -(-delay // accumulate)
+        return delay_in_updates(delay, accumulate)
     if strategy == "ema":
         return 1 if delay > 0 else 0
     if strategy in ("latest", "sync"):

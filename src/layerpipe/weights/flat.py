@@ -23,7 +23,7 @@ class BufferViews(list):
     backward, valid while `checked_for` is the stage's tuple of live storages)."""
 
     checked_for: object = None
-    swap_pairs: list = []
+    swap_pairs: tuple = ()
 
 
 class FlatBuffer:

@@ -48,7 +48,7 @@ from layerpipe.engine.distributed.transport import TIED_GRAD, TIED_VALUE, Comm, 
 from layerpipe.engine.saved import TiedGrads
 from layerpipe.engine.stage import Stage
 from layerpipe.errors import PlanError
-from layerpipe.plan import PipelineSpec
+from layerpipe.plan import PipelineSpec, delay_in_updates
 from layerpipe.schedule import Timing
 from layerpipe.weights import WeightStrategy, make_strategy, strategy_class
 
@@ -102,7 +102,7 @@ class TiedLinks:
         # update of the chain the owner builds from the same compensation specs
         specs, max_delay = list(compensation or []), max(spec.delays)
         self.owners = [RemoteOwner(o, layout.rank(o, replica),
-                                   make_strategy(weights, ps, -(-spec.delays[o] // chain_update_period(
+                                   make_strategy(weights, ps, delay_in_updates(spec.delays[o], chain_update_period(
                                        specs, spec.delays[o], max_delay)), None, **options), ps)
                        for o, ps in reads.items()]
         self.grads = TiedGrads()

@@ -4,7 +4,9 @@ holds for weight history relative to |W|, side by side in one run.
     .venv/bin/python benchmarks/strategy_overhead.py [--ticks 60] [--repeats 5] [--out FILE]
 
 Models: the MNIST-1D 1-D CNN of the zoo (batch 32) and a wider MLP (8 blocks of 512 units,
-batch 64); `--models mlp-ln-128` adds a small LayerNorm MLP (8 blocks of 128, batch 32).
+batch 64); `--models mlp-ln-128` adds a small LayerNorm MLP (8 blocks of 128, batch 32); `gpt-32`,
+`encoder` and `bn-cnn` are a tiny GPT and two models not in the zoo (a transformer encoder, a
+BatchNorm CNN).
 Each runs at K = 2, 4, 8 stages (capped at one layer per stage). Measurements are
 interleaved round-robin (plain, sync, stash, ema, ... then again) and the median of the
 repeats is reported, so that a noisy neighbour affects all strategies alike. `plain` is
@@ -72,8 +74,35 @@ def tiny_gpt() -> nn.Sequential:
     return nn.Sequential(*build_model("gpt", d_model=32, n_layer=6, n_head=2), ClassesFirst())
 
 
+class MeanOverTime(nn.Module):
+    """(B, T, C) -> (B, C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1)
+
+
+def encoder() -> nn.Sequential:
+    """Not in the zoo: six of torch's `nn.TransformerEncoderLayer` (width 64, 4 heads, dropout
+    0.1) on sequences of 16 vectors, mean-pooled into a classifier: activations in flight
+    weigh more than the weights here (about 50 K parameters a layer)."""
+    layers = [nn.Linear(32, 64)]
+    layers += [nn.TransformerEncoderLayer(64, 4, 128, dropout=0.1, batch_first=True) for _ in range(6)]
+    return nn.Sequential(*layers, MeanOverTime(), nn.Linear(64, 10))
+
+
+def bn_cnn() -> nn.Sequential:
+    """Not in the zoo: a 2-D CNN with BatchNorm (running statistics updated in every forward)
+    on 3 x 16 x 16 inputs."""
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+    return nn.Sequential(block(3, 32), block(32, 32), nn.MaxPool2d(2), block(32, 64), block(64, 64),
+                         nn.MaxPool2d(2), block(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
 #: name: (builder, batch size)
-MODELS = {"cnn1d": (cnn1d, 32), "mlp-512": (wide_mlp, 64), "mlp-ln-128": (ln_mlp, 32), "gpt-32": (tiny_gpt, 2)}
+MODELS = {"cnn1d": (cnn1d, 32), "mlp-512": (wide_mlp, 64), "mlp-ln-128": (ln_mlp, 32), "gpt-32": (tiny_gpt, 2),
+          "encoder": (encoder, 16), "bn-cnn": (bn_cnn, 16)}
 
 
 def batch_for(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +110,10 @@ def batch_for(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(n, 256), torch.randint(0, 10, (n,))
     if name == "mlp-ln-128":
         return torch.randn(n, 64), torch.randint(0, 10, (n,))
+    if name == "encoder":
+        return torch.randn(n, 16, 32), torch.randint(0, 10, (n,))
+    if name == "bn-cnn":
+        return torch.randn(n, 3, 16, 16), torch.randint(0, 10, (n,))
     if name == "gpt-32":  # n sequences of 32 bytes, the next byte as target
         tokens = torch.randint(0, 256, (n, 33))
         return tokens[:, :32], tokens[:, 1:]
@@ -134,7 +167,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--depths", default="2,4,8")
     p.add_argument("--clock", default="wall", choices=tuple(CLOCKS), help="wall (default) or cpu (process CPU time)")
-    p.add_argument("--models", default="cnn1d,mlp-512", help="comma-separated: cnn1d, mlp-512, mlp-ln-128, gpt-32")
+    p.add_argument("--models", default="cnn1d,mlp-512", help="comma-separated: " + ", ".join(MODELS))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="also write the report to this Markdown file")
     args = p.parse_args()

@@ -1,0 +1,222 @@
+"""The engine against hand-written plain-PyTorch loops of the same schedules: what the engine
+itself costs, and what the pipelined schedule costs whatever runs it.
+
+    .venv/bin/python benchmarks/delayed_reference.py [--models mlp-ln-128,gpt-32,encoder] [--depths 4,8]
+
+Issue 15 asks `latest` (no weight history) within 1.03x `sync` per tick. Both do the same
+arithmetic, but not on the same data: under `sync` a microbatch's backward follows its forward
+in the same tick, under the pipelined schedule stage k's backward reads activations saved
+d_k = 2 (K - 1 - k) ticks before, while d_k other microbatches' activations have gone
+through the caches. Each cell times, on one thread (CPU time per tick, interleaved repeats,
+medians, SGD momentum 0.01 / 0.9), the same model split at the same layers:
+
+  - `plain`: one forward, one backward and one optimizer step of the whole model;
+  - `hand sync`: the stages in a plain loop, each its own optimizer and `backward` call, a
+    microbatch forward and backward in one tick (what `sync` runs);
+  - `hand latest`: the stages in a plain loop on the pipelined schedule (stage k forwards
+    microbatch t - k in tick t and applies the gradient of microbatch t - k - d_k; gradients
+    and activations cross a stage boundary one tick later), each stage stepping after its
+    backward on the weights as they are (autograd's version check switched off the cheapest
+    way there is: the counters set back after each step);
+  - `sync`, `latest`, `stash`, `ema`: the engine, through `Pipeline`.
+
+`latest / hand latest` is the engine's own cost on that schedule; `hand latest / hand sync`
+is the schedule's (in-flight activations), which no implementation of it avoids on this
+machine. The hand-written loops share no code with the engine (only its split, so both cut
+the model at the same layers); before timing a cell, both train it 12 ticks from the same
+seed and the report gives the largest parameter difference (0: the same schedule, bit for bit).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from strategy_overhead import MODELS, batch_for  # noqa: E402
+
+from layerpipe import Pipeline  # noqa: E402
+from layerpipe.report.records import environment  # noqa: E402
+
+ENGINE = ("sync", "latest", "stash", "ema")
+HAND = ("plain", "hand sync", "hand latest")
+VARIANTS = HAND + ENGINE
+#: autograd's version-counter reset (private; the cheapest way to let a backward read weights
+#: updated in place after its forward)
+set_versions = torch._C._autograd._unsafe_set_version_counter
+
+
+def optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+
+class HandLoop:
+    """A model cut into `sizes` consecutive layers per stage, trained by a plain loop."""
+
+    def __init__(self, model: nn.Sequential, sizes: list[int], delayed: bool) -> None:
+        bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+        self.stages = [model[a:b] for a, b in zip(bounds, bounds[1:])]
+        self.params = [tuple(p for p in s.parameters() if p.requires_grad) for s in self.stages]
+        self.opts = [optimizer(ps) if ps else None for ps in self.params]
+        K = len(sizes)
+        self.lag = list(range(K)) if delayed else [0] * K  # forward of mb t - lag[k] in tick t
+        # backward of mb t - back[k]: d_k = 2 (K - 1 - k) ticks after the forward
+        self.back = [k + 2 * (K - 1 - k) for k in range(K)] if delayed else [0] * K
+        self.delayed = delayed
+        self.inbox: list[dict[int, torch.Tensor]] = [{} for _ in range(K)]
+        self.grads: list[dict[int, torch.Tensor]] = [{} for _ in range(K)]
+        self.inflight: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(K)]
+        self.t = 0
+
+    def step(self, data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        t, K = self.t, len(self.stages)
+        for k, stage in enumerate(self.stages):
+            i = t - self.lag[k]
+            if i < 0:
+                continue
+            x = data[i % len(data)][0] if k == 0 else self.inbox[k].pop(i)
+            out = stage(x)
+            if k == K - 1:
+                out = F.cross_entropy(out, data[i % len(data)][1])
+            else:
+                self.inbox[k + 1][i] = out.detach().requires_grad_()
+            self.inflight[k][i] = (x, out)
+        for k in range(K - 1, -1, -1):
+            i = t - self.back[k]
+            if i < 0:
+                continue
+            x, out = self.inflight[k].pop(i)
+            out.backward(None if k == K - 1 else self.grads[k].pop(i))
+            if k > 0:
+                self.grads[k - 1][i] = x.grad
+            opt = self.opts[k]
+            if opt is not None:
+                params = self.params[k]
+                versions = tuple(p._version for p in params)
+                opt.step()
+                if self.delayed:
+                    set_versions(params, versions)
+                opt.zero_grad(set_to_none=True)
+        self.t += 1
+
+
+def make_step(variant: str, make, name: str, stages: int, batch: int):
+    """A closure running one tick (a step) of `variant`, warmed up past the pipeline's fill."""
+    torch.manual_seed(0)
+    data = [batch_for(name, batch) for _ in range(8)]
+    model = make()
+    k = min(stages, len(model))
+    if variant in ENGINE:
+        pipe = Pipeline(model, stages=k, weights=variant, optimizer=optimizer, loss_fn=F.cross_entropy)
+        counter = iter(range(10**9))
+
+        def step() -> None:
+            pipe.step(*data[next(counter) % 8])
+    elif variant == "plain":
+        opt = optimizer(model.parameters())
+        counter = iter(range(10**9))
+
+        def step() -> None:
+            x, y = data[next(counter) % 8]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    else:
+        sizes = Pipeline(make(), stages=k).stage_sizes
+        loop = HandLoop(model, sizes, delayed=variant == "hand latest")
+
+        def step() -> None:
+            loop.step(data)
+    for _ in range(2 * k + 2):
+        step()
+    return step
+
+
+def largest_difference(make, name: str, stages: int, batch: int, ticks: int = 12) -> float:
+    """Largest parameter difference between the engine and the hand-written loop after `ticks`
+    ticks, over sync and latest: 0 when both run the same schedule (checked before timing)."""
+    worst = 0.0
+    for engine, delayed in (("sync", False), ("latest", True)):
+        torch.manual_seed(0)
+        data = [batch_for(name, batch) for _ in range(8)]
+        torch.manual_seed(1)
+        ours = make()
+        torch.manual_seed(1)
+        theirs = make()
+        pipe = Pipeline(ours, stages=min(stages, len(ours)), weights=engine, optimizer=optimizer, loss_fn=F.cross_entropy)
+        loop = HandLoop(theirs, pipe.stage_sizes, delayed=delayed)
+        for i in range(ticks):
+            torch.manual_seed(100 + i)  # dropout draws the same masks in both
+            pipe.step(*data[i % 8])
+            torch.manual_seed(100 + i)
+            loop.step(data)
+        worst = max([worst] + [(a - b).abs().max().item() for a, b in zip(ours.parameters(), theirs.parameters())])
+    return worst
+
+
+def time_variant(variant: str, make, name: str, stages: int, batch: int, ticks: int) -> float:
+    step = make_step(variant, make, name, stages, batch)
+    start = time.process_time()
+    for _ in range(ticks):
+        step()
+    return (time.process_time() - start) / ticks
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="mlp-ln-128,gpt-32,encoder", help="comma-separated, of: " + ", ".join(MODELS))
+    p.add_argument("--depths", default="4,8")
+    p.add_argument("--ticks", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None, help="also write the report to this Markdown file")
+    args = p.parse_args()
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    torch.set_num_threads(1)
+    env = environment()
+    lines = [
+        "# The engine against hand-written loops of the same schedules (time per tick)",
+        "",
+        f"Command: `python benchmarks/delayed_reference.py --models {args.models} --depths {args.depths} "
+        f"--ticks {args.ticks} --repeats {args.repeats}`",
+        f"Machine: {env['processor']}, {env['cpus']} CPUs, 1 torch thread, CPU time; torch {env['torch']}, "
+        f"python {env['python']}; date {env['date']}; commit {env['commit']}; load average at start "
+        f"{os.getloadavg()[0]:.2f}",
+        "",
+        "| model | K | " + " | ".join(f"{v} ms" for v in VARIANTS)
+        + " | hand latest / hand sync | latest / hand latest | latest / sync | stash / hand latest | ema / hand latest"
+        " | largest difference engine vs hand |",
+        "|---|---|" + "---|" * (len(VARIANTS) + 6),
+    ]
+    print("\n".join(lines), flush=True)
+    for name in args.models.split(","):
+        make, batch = MODELS[name]
+        for depth in [int(d) for d in args.depths.split(",")]:
+            difference = largest_difference(make, name, depth, batch)
+            samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            for _ in range(args.repeats):
+                for v in VARIANTS:
+                    samples[v].append(time_variant(v, make, name, depth, batch, args.ticks))
+            med = {v: 1000 * statistics.median(s) for v, s in samples.items()}
+            hand = med["hand latest"]
+            row = (f"| {name} | {min(depth, len(make()))} | " + " | ".join(f"{med[v]:.2f}" for v in VARIANTS)
+                   + f" | {hand / med['hand sync']:.3f}x | {med['latest'] / hand:.3f}x | {med['latest'] / med['sync']:.3f}x"
+                   f" | {med['stash'] / hand:.3f}x | {med['ema'] / hand:.3f}x | {difference:.1e} |")
+            lines.append(row)
+            print(row, flush=True)
+    report = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -48,6 +48,8 @@ from layerpipe.report.records import environment  # noqa: E402
 ENGINE = ("sync", "latest", "stash", "ema")
 HAND = ("plain", "hand sync", "hand latest")
 VARIANTS = HAND + ENGINE
+#: `--stage-by-stage`: the pipelined loop with each stage's forward, backward and step together
+STAGE_BY_STAGE = "hand latest, stage by stage"
 #: autograd's version-counter reset (private; the cheapest way to let a backward read weights
 #: updated in place after its forward)
 set_versions = torch._C._autograd._unsafe_set_version_counter
@@ -60,7 +62,7 @@ def optimizer(params) -> torch.optim.Optimizer:
 class HandLoop:
     """A model cut into `sizes` consecutive layers per stage, trained by a plain loop."""
 
-    def __init__(self, model: nn.Sequential, sizes: list[int], delayed: bool) -> None:
+    def __init__(self, model: nn.Sequential, sizes: list[int], delayed: bool, stage_by_stage: bool = False) -> None:
         bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
         self.stages = [model[a:b] for a, b in zip(bounds, bounds[1:])]
         self.params = [tuple(p for p in s.parameters() if p.requires_grad) for s in self.stages]
@@ -70,41 +72,55 @@ class HandLoop:
         # backward of mb t - back[k]: d_k = 2 (K - 1 - k) ticks after the forward
         self.back = [k + 2 * (K - 1 - k) for k in range(K)] if delayed else [0] * K
         self.delayed = delayed
+        # each stage's forward, backward and step together, last stage first (its input came in
+        # the tick before, its gradient too: the same numbers on the pipelined schedule)
+        self.stage_by_stage = stage_by_stage and delayed
         self.inbox: list[dict[int, torch.Tensor]] = [{} for _ in range(K)]
         self.grads: list[dict[int, torch.Tensor]] = [{} for _ in range(K)]
         self.inflight: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(K)]
         self.t = 0
 
     def step(self, data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        t, K = self.t, len(self.stages)
-        for k, stage in enumerate(self.stages):
-            i = t - self.lag[k]
-            if i < 0:
-                continue
-            x = data[i % len(data)][0] if k == 0 else self.inbox[k].pop(i)
-            out = stage(x)
-            if k == K - 1:
-                out = F.cross_entropy(out, data[i % len(data)][1])
-            else:
-                self.inbox[k + 1][i] = out.detach().requires_grad_()
-            self.inflight[k][i] = (x, out)
-        for k in range(K - 1, -1, -1):
-            i = t - self.back[k]
-            if i < 0:
-                continue
-            x, out = self.inflight[k].pop(i)
-            out.backward(None if k == K - 1 else self.grads[k].pop(i))
-            if k > 0:
-                self.grads[k - 1][i] = x.grad
-            opt = self.opts[k]
-            if opt is not None:
-                params = self.params[k]
-                versions = tuple(p._version for p in params)
-                opt.step()
-                if self.delayed:
-                    set_versions(params, versions)
-                opt.zero_grad(set_to_none=True)
+        K = len(self.stages)
+        if self.stage_by_stage:
+            for k in range(K - 1, -1, -1):
+                self._forward(k, data)
+                self._backward(k)
+        else:
+            for k in range(K):
+                self._forward(k, data)
+            for k in range(K - 1, -1, -1):
+                self._backward(k)
         self.t += 1
+
+    def _forward(self, k: int, data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        i = self.t - self.lag[k]
+        if i < 0:
+            return
+        x = data[i % len(data)][0] if k == 0 else self.inbox[k].pop(i)
+        out = self.stages[k](x)
+        if k == len(self.stages) - 1:
+            out = F.cross_entropy(out, data[i % len(data)][1])
+        else:
+            self.inbox[k + 1][i] = out.detach().requires_grad_()
+        self.inflight[k][i] = (x, out)
+
+    def _backward(self, k: int) -> None:
+        i = self.t - self.back[k]
+        if i < 0:
+            return
+        x, out = self.inflight[k].pop(i)
+        out.backward(None if k == len(self.stages) - 1 else self.grads[k].pop(i))
+        if k > 0:
+            self.grads[k - 1][i] = x.grad
+        opt = self.opts[k]
+        if opt is not None:
+            params = self.params[k]
+            versions = tuple(p._version for p in params)
+            opt.step()
+            if self.delayed:
+                set_versions(params, versions)
+            opt.zero_grad(set_to_none=True)
 
 
 def make_step(variant: str, make, name: str, stages: int, batch: int):
@@ -130,7 +146,7 @@ def make_step(variant: str, make, name: str, stages: int, batch: int):
             opt.step()
     else:
         sizes = Pipeline(make(), stages=k).stage_sizes
-        loop = HandLoop(model, sizes, delayed=variant == "hand latest")
+        loop = HandLoop(model, sizes, delayed=variant.startswith("hand latest"), stage_by_stage=variant == STAGE_BY_STAGE)
 
         def step() -> None:
             loop.step(data)
@@ -139,11 +155,13 @@ def make_step(variant: str, make, name: str, stages: int, batch: int):
     return step
 
 
-def largest_difference(make, name: str, stages: int, batch: int, ticks: int = 12) -> float:
+def largest_difference(make, name: str, stages: int, batch: int, ticks: int = 12, stage_by_stage: bool = False) -> float:
     """Largest parameter difference between the engine and the hand-written loop after `ticks`
-    ticks, over sync and latest: 0 when both run the same schedule (checked before timing)."""
+    ticks, over sync and latest (and latest stage by stage): 0 when both run the same schedule
+    (checked before timing; stage by stage draws dropout's masks in another order)."""
     worst = 0.0
-    for engine, delayed in (("sync", False), ("latest", True)):
+    runs = [("sync", False, False), ("latest", True, False)] + ([("latest", True, True)] if stage_by_stage else [])
+    for engine, delayed, by_stage in runs:
         torch.manual_seed(0)
         data = [batch_for(name, batch) for _ in range(8)]
         torch.manual_seed(1)
@@ -151,7 +169,7 @@ def largest_difference(make, name: str, stages: int, batch: int, ticks: int = 12
         torch.manual_seed(1)
         theirs = make()
         pipe = Pipeline(ours, stages=min(stages, len(ours)), weights=engine, optimizer=optimizer, loss_fn=F.cross_entropy)
-        loop = HandLoop(theirs, pipe.stage_sizes, delayed=delayed)
+        loop = HandLoop(theirs, pipe.stage_sizes, delayed=delayed, stage_by_stage=by_stage)
         for i in range(ticks):
             torch.manual_seed(100 + i)  # dropout draws the same masks in both
             pipe.step(*data[i % 8])
@@ -175,6 +193,9 @@ def main() -> int:
     p.add_argument("--depths", default="4,8")
     p.add_argument("--ticks", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--stage-by-stage", action="store_true",
+                   help=f"also time `{STAGE_BY_STAGE}`: each stage's forward, backward and step together "
+                   "(weights kept warm in the cache between them), against the engine's order")
     p.add_argument("--out", default=None, help="also write the report to this Markdown file")
     args = p.parse_args()
     unknown = [m for m in args.models.split(",") if m not in MODELS]
@@ -182,34 +203,37 @@ def main() -> int:
         p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     torch.set_num_threads(1)
     env = environment()
+    variants = VARIANTS + ((STAGE_BY_STAGE,) if args.stage_by_stage else ())
+    extra = " --stage-by-stage" if args.stage_by_stage else ""
     lines = [
         "# The engine against hand-written loops of the same schedules (time per tick)",
         "",
         f"Command: `python benchmarks/delayed_reference.py --models {args.models} --depths {args.depths} "
-        f"--ticks {args.ticks} --repeats {args.repeats}`",
+        f"--ticks {args.ticks} --repeats {args.repeats}{extra}`",
         f"Machine: {env['processor']}, {env['cpus']} CPUs, 1 torch thread, CPU time; torch {env['torch']}, "
         f"python {env['python']}; date {env['date']}; commit {env['commit']}; load average at start "
         f"{os.getloadavg()[0]:.2f}",
         "",
-        "| model | K | " + " | ".join(f"{v} ms" for v in VARIANTS)
+        "| model | K | " + " | ".join(f"{v} ms" for v in variants)
         + " | hand latest / hand sync | latest / hand latest | latest / sync | stash / hand latest | ema / hand latest"
-        " | largest difference engine vs hand |",
-        "|---|---|" + "---|" * (len(VARIANTS) + 6),
+        + (" | stage by stage / hand latest" if args.stage_by_stage else "") + " | largest difference engine vs hand |",
+        "|---|---|" + "---|" * (len(variants) + 6 + args.stage_by_stage),
     ]
     print("\n".join(lines), flush=True)
     for name in args.models.split(","):
         make, batch = MODELS[name]
         for depth in [int(d) for d in args.depths.split(",")]:
-            difference = largest_difference(make, name, depth, batch)
-            samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            difference = largest_difference(make, name, depth, batch, stage_by_stage=args.stage_by_stage)
+            samples: dict[str, list[float]] = {v: [] for v in variants}
             for _ in range(args.repeats):
-                for v in VARIANTS:
+                for v in variants:
                     samples[v].append(time_variant(v, make, name, depth, batch, args.ticks))
             med = {v: 1000 * statistics.median(s) for v, s in samples.items()}
             hand = med["hand latest"]
-            row = (f"| {name} | {min(depth, len(make()))} | " + " | ".join(f"{med[v]:.2f}" for v in VARIANTS)
+            row = (f"| {name} | {min(depth, len(make()))} | " + " | ".join(f"{med[v]:.2f}" for v in variants)
                    + f" | {hand / med['hand sync']:.3f}x | {med['latest'] / hand:.3f}x | {med['latest'] / med['sync']:.3f}x"
-                   f" | {med['stash'] / hand:.3f}x | {med['ema'] / hand:.3f}x | {difference:.1e} |")
+                   f" | {med['stash'] / hand:.3f}x | {med['ema'] / hand:.3f}x"
+                   + (f" | {med[STAGE_BY_STAGE] / hand:.3f}x" if args.stage_by_stage else "") + f" | {difference:.1e} |")
             lines.append(row)
             print(row, flush=True)
     report = "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ holds for weight history relative to |W|, side by side in one run.
 Models: the MNIST-1D 1-D CNN of the zoo (batch 32) and a wider MLP (8 blocks of 512 units,
 batch 64); `--models mlp-ln-128` adds a small LayerNorm MLP (8 blocks of 128, batch 32); `gpt-32`,
 `encoder` and `bn-cnn` are a tiny GPT and two models not in the zoo (a transformer encoder, a
-BatchNorm CNN).
+BatchNorm CNN); `hf-gpt2` a Hugging Face GPT-2 (tied embeddings) that `Pipeline` traces and cuts.
 Each runs at K = 2, 4, 8 stages (capped at one layer per stage). Measurements are
 interleaved round-robin (plain, sync, stash, ema, ... then again) and the median of the
 repeats is reported, so that a noisy neighbour affects all strategies alike. `plain` is
@@ -100,9 +100,48 @@ def bn_cnn() -> nn.Sequential:
                          nn.MaxPool2d(2), block(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
 
 
+def hf_gpt2() -> nn.Module:
+    """Not an `nn.Sequential`: a Hugging Face GPT-2 built from a config (8 blocks of width 128,
+    4 heads, 256 tokens, no dropout, the output layer tied to the token embedding), which
+    `Pipeline` traces and cuts (`stages=K`); needs `transformers` (the test extra)."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise SystemExit("the model hf-gpt2 needs transformers: pip install -e '.[test]'") from err
+    config = transformers.GPT2Config(n_layer=8, n_embd=128, n_head=4, vocab_size=256, n_positions=64,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def lm_loss(out, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token loss of a Hugging Face causal LM's output."""
+    return F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
 #: name: (builder, batch size)
 MODELS = {"cnn1d": (cnn1d, 32), "mlp-512": (wide_mlp, 64), "mlp-ln-128": (ln_mlp, 32), "gpt-32": (tiny_gpt, 2),
-          "encoder": (encoder, 16), "bn-cnn": (bn_cnn, 16)}
+          "encoder": (encoder, 16), "bn-cnn": (bn_cnn, 16), "hf-gpt2": (hf_gpt2, 4)}
+#: models that are not an `nn.Sequential`: their loss (the others: `F.cross_entropy`)
+LOSSES = {"hf-gpt2": lm_loss}
+
+
+def depth_for(model: nn.Module, stages: int) -> int:
+    """K, capped at one layer per stage for an `nn.Sequential`."""
+    return min(stages, len(model)) if isinstance(model, nn.Sequential) else stages
+
+
+def pipeline_for(name: str, model: nn.Module, stages: int, weights: str, **options) -> Pipeline:
+    """`Pipeline` over `model` as a user would build it (a traced model given its inputs)."""
+    if not isinstance(model, nn.Sequential):
+        options["example_inputs"] = batch_for(name, MODELS[name][1])[0]  # the batch it trains on
+    return Pipeline(model, stages=depth_for(model, stages), weights=weights,
+                    loss_fn=LOSSES.get(name, F.cross_entropy), **options)
+
+
+def plain_loss(name: str, model: nn.Module, x, y) -> torch.Tensor:
+    """The loss of one plain forward."""
+    out = model(**x) if isinstance(x, dict) else model(x)
+    return LOSSES.get(name, F.cross_entropy)(out, y)
 
 
 def batch_for(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +153,9 @@ def batch_for(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(n, 16, 32), torch.randint(0, 10, (n,))
     if name == "bn-cnn":
         return torch.randn(n, 3, 16, 16), torch.randint(0, 10, (n,))
+    if name == "hf-gpt2":  # the model's keyword inputs, 64 tokens each; the tokens are the targets
+        ids = torch.randint(0, 256, (n, 64))
+        return {"input_ids": ids, "use_cache": False}, ids
     if name == "gpt-32":  # n sequences of 32 bytes, the next byte as target
         tokens = torch.randint(0, 256, (n, 33))
         return tokens[:, :32], tokens[:, 1:]
@@ -132,7 +174,7 @@ def time_plain(make_model, name: str, ticks: int, batch: int, clock) -> float:
     def step(i: int) -> None:
         x, y = data[i % 8]
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        plain_loss(name, model, x, y).backward()
         opt.step()
 
     for i in range(10):
@@ -147,9 +189,8 @@ def time_ticks(make_model, name: str, stages: int, weights: str, ticks: int, bat
                clock=time.perf_counter) -> tuple[float, int, int]:
     torch.manual_seed(0)
     model = make_model()
-    k = min(stages, len(model))
-    pipe = Pipeline(model, stages=k, weights=weights,
-                    optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9), loss_fn=F.cross_entropy)
+    k = depth_for(model, stages)
+    pipe = pipeline_for(name, model, stages, weights, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9))
     data = [batch_for(name, batch) for _ in range(8)]
     warm = 2 * k + 2  # fill the pipeline first
     for i in range(warm):
@@ -205,8 +246,8 @@ def main() -> int:
                     samples[w].append(sec)
                     held[w] = hist / params
             med = {w: statistics.median(v) for w, v in samples.items()}
-            k = min(depth, len(make()))
-            sizes = Pipeline(make(), stages=k).stage_sizes
+            k = depth_for(make(), depth)
+            sizes = pipeline_for(name, make(), depth, "sync").stage_sizes
             row = (f"| {name} | {k} | {','.join(map(str, sizes))} | "
                    + " | ".join(f"{med[w] / med['sync']:.3f}x" for w in STRATEGIES) + " | "
                    + " | ".join(f"{held[w]:.2f}" for w in STRATEGIES) + f" | {1000 * med['sync']:.2f} |")

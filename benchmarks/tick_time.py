@@ -18,13 +18,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from strategy_overhead import MODELS, batch_for  # noqa: E402
+from strategy_overhead import MODELS, batch_for, pipeline_for  # noqa: E402
 
 import layerpipe  # noqa: E402
-from layerpipe import Pipeline  # noqa: E402
 
 
 def main() -> int:
@@ -42,8 +40,8 @@ def main() -> int:
     for _ in range(args.repeats):
         for w in args.weights.split(","):
             torch.manual_seed(0)
-            pipe = Pipeline(make(), stages=args.stages, weights=w, loss_fn=F.cross_entropy,
-                            optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9))
+            pipe = pipeline_for(args.model, make(), args.stages, w,
+                                optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9))
             for i in range(20):
                 pipe.step(*data[i % 8])
             start = time.process_time()

@@ -14,12 +14,15 @@ the same model trained by a plain PyTorch loop (one forward, one backward, one o
 the yardstick under `sync` (the engine's synchronous schedule). `--clock cpu` measures the
 process's CPU time instead of wall time (steadier when other jobs share the cores). Targets (issue 15):
 latest at most 1.03x sync's time, stash at most 1.08x, ema at most 1.05x, ema holding at most |W|;
-the report ends with each target met or not, cell by cell. The load average at the start is
+the report ends with each target met or not, cell by cell. A strategy whose training diverges
+(the library stops it at a NaN loss: the comparison estimators can, at large delays) shows
+`diverged` in its cell instead of a time. The load average at the start is
 printed too: read ratios from a loaded machine with care.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerpipe import Pipeline
+from layerpipe.errors import TrainingDiverged
 from layerpipe.report.records import environment
 
 #: issue 15's per-tick targets, as a multiple of sync's time
@@ -164,6 +168,10 @@ def batch_for(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return example_input("cnn1d", n), torch.randint(0, 10, (n,))
 
 
+def _ratio(a: float, b: float) -> str:
+    return "diverged" if math.isnan(a) else f"{a / b:.3f}x"
+
+
 def time_plain(make_model, name: str, ticks: int, batch: int, clock) -> float:
     """Seconds per step of plain PyTorch training of the same model."""
     torch.manual_seed(0)
@@ -236,29 +244,39 @@ def main() -> int:
         for depth in [int(d) for d in args.depths.split(",")]:
             samples: dict[str, list[float]] = {w: [] for w in STRATEGIES}
             held: dict[str, float] = {}
+            diverged: set[str] = set()  # a NaN loss stopped it: no time, shown as such
             for _ in range(args.repeats):
                 for w in STRATEGIES:
                     if w == "plain":
                         samples[w].append(time_plain(make, name, args.ticks, batch, clock))
                         held[w] = 0.0
                         continue
-                    sec, hist, params = time_ticks(make, name, depth, w, args.ticks, batch, clock)
+                    if w in diverged:
+                        continue
+                    try:
+                        sec, hist, params = time_ticks(make, name, depth, w, args.ticks, batch, clock)
+                    except TrainingDiverged:  # a comparison estimator may (the library stops it)
+                        diverged.add(w)
+                        continue
                     samples[w].append(sec)
                     held[w] = hist / params
-            med = {w: statistics.median(v) for w, v in samples.items()}
+            med = {w: statistics.median(v) if w not in diverged else math.nan for w, v in samples.items()}
             k = depth_for(make(), depth)
             sizes = pipeline_for(name, make(), depth, "sync").stage_sizes
             row = (f"| {name} | {k} | {','.join(map(str, sizes))} | "
-                   + " | ".join(f"{med[w] / med['sync']:.3f}x" for w in STRATEGIES) + " | "
-                   + " | ".join(f"{held[w]:.2f}" for w in STRATEGIES) + f" | {1000 * med['sync']:.2f} |")
-            plain_row = "|   (vs plain) | | | " + " | ".join(f"{med[w] / med['plain']:.3f}x" for w in STRATEGIES) + " |"
+                   + " | ".join(_ratio(med[w], med["sync"]) for w in STRATEGIES) + " | "
+                   + " | ".join("-" if w in diverged else f"{held[w]:.2f}" for w in STRATEGIES)
+                   + f" | {1000 * med['sync']:.2f} |")
+            plain_row = "|   (vs plain) | | | " + " | ".join(_ratio(med[w], med["plain"]) for w in STRATEGIES) + " |"
             lines += [row, plain_row]
             print(row, plain_row, sep="\n", flush=True)
-            ratios.append((f"{name} K={k}", {w: med[w] / med["sync"] for w in TARGETS}, held["ema"]))
+            ratios.append((f"{name} K={k}", {w: med[w] / med["sync"] for w in TARGETS}, held.get("ema", math.nan)))
     lines += ["", "Issue 15 targets (x sync): " + ", ".join(f"{w} <= {t}" for w, t in TARGETS.items()) + ", ema history <= 1.00 |W|"]
     for cell, r, ema_held in ratios:
         verdict = [f"{w} {r[w]:.3f}x {'met' if r[w] <= t else 'NOT met'}" for w, t in TARGETS.items()]
         verdict.append(f"ema history {ema_held:.2f} |W| {'met' if ema_held <= 1.0 else 'NOT met'}")
+        if any(math.isnan(v) for v in r.values()):
+            verdict.append("(nan: the strategy's training diverged)")
         lines.append(f"- {cell}: " + "; ".join(verdict))
     print("\n".join(lines[-len(ratios) - 1:]), flush=True)
     report = "\n".join(lines) + "\n"

@@ -119,7 +119,8 @@ def _mlp_backward(stage, inputs, g, weights):
     return g, grads
 
 
-def delayed_sgd_rebuilt(model, stage_sizes, delays, batches, optimizer_factory, loss_fn, alphas=None, every=1):
+def delayed_sgd_rebuilt(model, stage_sizes, delays, batches, optimizer_factory, loss_fn, alphas=None, every=1,
+                        live_weights=False):
     """Delayed SGD whose backward runs on LayerPipe2's reconstruction, written out plainly for an
     MLP of Linear and Tanh layers: stage k's backward of microbatch m, at tick m + k + d_k, uses
     the activations of its forward (at tick m + k) and, for each weight, W_now - n * u_hat: n the
@@ -128,7 +129,8 @@ def delayed_sgd_rebuilt(model, stage_sizes, delays, batches, optimizer_factory, 
     applied, started at 0, u_hat = u / (1 - (1 - alpha)^s) after s updates. With `every` > 1 a
     stage sums the gradients of `every` backwards and updates with their mean on the last (the
     other backwards change nothing and are no update). Same tick semantics as `delayed_sgd`.
-    Returns (trained copy, losses)."""
+    With `live_weights` every backward uses the weights as they are at its tick, with no
+    correction (`latest`). Returns (trained copy, losses)."""
     model, stages, params, opts = _split_copy(model, stage_sizes, optimizer_factory)
     alphas = alphas or [2.0 / (-(-d // every) + 1) for d in delays]
     summed: list[dict | None] = [None] * len(stages)  # per stage: the gradients summed so far
@@ -164,7 +166,7 @@ def delayed_sgd_rebuilt(model, stage_sizes, delays, batches, optimizer_factory, 
                 else:
                     g = grad_in.pop((m, k + 1))
                 n, s, a = updates[k] - fwd_version[(m, k)], updates[k], alphas[k]
-                if n and s:
+                if n and s and not live_weights:
                     correction = 1 - (1 - a) ** s
                     weights = {name: p - n * avg[k][name] / correction for name, p in params[k].items()}
                 else:

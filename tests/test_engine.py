@@ -232,6 +232,34 @@ def test_ema_equals_handwritten_rebuilt_delayed_sgd(stages, opt, schedule, backw
     assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), stash_model.parameters())) > 1e-6
 
 
+@pytest.mark.parametrize("hidden", [True, False], ids=["updates-hidden", "hooks"])
+@pytest.mark.parametrize("schedule", ["layerpipe", "pipedream"])
+@pytest.mark.parametrize("opt", [SGD_MOMENTUM, ADAM], ids=["sgd-momentum", "adam"])
+@pytest.mark.parametrize("stages", [[1, 3, 2, 1], [4, 3]])
+def test_latest_equals_handwritten_backward_on_the_live_weights(stages, opt, schedule, hidden, monkeypatch):
+    """`latest` against a plain re-statement (tests/reference.py): each backward uses its
+    forward's activations and the weights as they are at the backward's tick, on both ways the
+    engine lets autograd read weights updated after the forward (version counters set back
+    after the step; identity saved-tensor hooks where torch lacks that)."""
+    import layerpipe.engine.stage as stage_module
+    from reference import delayed_sgd_rebuilt
+
+    if not hidden:
+        monkeypatch.setattr(stage_module, "set_versions", None)
+    model, batches = make_model(torch.float64), make_batches(dtype=torch.float64)
+    K = len(stages)
+    delays = [(2 if schedule == "layerpipe" else 1) * (K - 1 - k) for k in range(K)]
+    ref_model, ref_losses = delayed_sgd_rebuilt(model, stages, delays, batches, opt, F.cross_entropy, live_weights=True)
+    stash_model, _ = delayed_sgd(model, stages, delays, batches, opt, F.cross_entropy)
+    pipe, losses = run_pipeline(model, batches, stages=stages, weights="latest", optimizer=opt, schedule=schedule)
+    assert [s.hides_updates for s in pipe.stages] == [hidden] * K
+    assert losses == pytest.approx(ref_losses, rel=1e-10, abs=1e-12)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    # the test has teeth: the live weights are not the forward's
+    assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), stash_model.parameters())) > 1e-6
+
+
 @pytest.mark.parametrize("schedule, every", [("layerpipe", 2), ("layerpipe", 3), ("pipedream", 2), ("pipedream", 4)])
 @pytest.mark.parametrize("opt", [SGD_MOMENTUM, ADAM], ids=["sgd-momentum", "adam"])
 def test_ema_under_accumulation_counts_updates_not_ticks(opt, schedule, every):

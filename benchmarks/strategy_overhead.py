@@ -229,7 +229,7 @@ def main() -> int:
         "# Weight-strategy overhead: time per tick vs sync (and plain PyTorch), weight history vs |W|",
         "",
         f"Command: `python benchmarks/strategy_overhead.py --ticks {args.ticks} --repeats {args.repeats} "
-        f"--depths {args.depths} --clock {args.clock} --threads {args.threads}`",
+        f"--depths {args.depths} --clock {args.clock} --threads {args.threads} --models {args.models}`",
         f"Machine: {env['processor']}, {env['cpus']} CPUs, {env['torch_threads']} torch threads; "
         f"torch {env['torch']}, python {env['python']}; date {env['date']}; commit {env['commit']}; "
         f"load average at start {os.getloadavg()[0]:.2f}",

@@ -28,13 +28,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from strategy_overhead import MODELS, TARGETS, batch_for  # noqa: E402
+from strategy_overhead import MODELS, TARGETS, batch_for, depth_for, pipeline_for  # noqa: E402
 
 import layerpipe.engine.stage as stage_module  # noqa: E402
-from layerpipe import Pipeline  # noqa: E402
 from layerpipe.report.records import environment  # noqa: E402
 from layerpipe.weights.flat import FlatBuffer  # noqa: E402
 
@@ -69,8 +67,7 @@ def tick_ms(model: str, k: int, variant: str, ticks: int) -> float:
         make, batch = MODELS[model]
         data = [batch_for(model, batch) for _ in range(8)]
         torch.manual_seed(0)
-        pipe = Pipeline(make(), stages=k, weights=weights, loss_fn=F.cross_entropy,
-                        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9))
+        pipe = pipeline_for(model, make(), k, weights, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9))
         for i in range(20):
             pipe.step(*data[i % 8])
         start = time.process_time()
@@ -101,7 +98,7 @@ def main() -> int:
     for model in args.models.split(","):
         make, _ = MODELS[model]
         for k in (int(v) for v in args.depths.split(",")):
-            if k > len(make()):
+            if depth_for(make(), k) < k:  # more stages than layers
                 continue
             runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for _ in range(args.repeats):

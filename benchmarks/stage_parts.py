@@ -17,13 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from strategy_overhead import MODELS, batch_for  # noqa: E402
+from strategy_overhead import MODELS, batch_for, pipeline_for  # noqa: E402
 
 import layerpipe.engine.stage as stage_module  # noqa: E402
-from layerpipe import Pipeline  # noqa: E402
 from layerpipe.report.records import environment  # noqa: E402
 from layerpipe.weights.ema import UpdateEMA  # noqa: E402
 from layerpipe.weights.stash import Stash  # noqa: E402
@@ -73,8 +71,8 @@ def main() -> int:
     data = [batch_for(args.model, batch) for _ in range(8)]
     for weights in args.weights.split(","):
         torch.manual_seed(0)
-        pipe = Pipeline(make_model(), stages=args.stages, weights=weights,
-                        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9), loss_fn=F.cross_entropy)
+        pipe = pipeline_for(args.model, make_model(), args.stages, weights,
+                            optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9))
         for i in range(30):
             pipe.step(*data[i % 8])
         totals.clear()

@@ -29,6 +29,7 @@ seed and the report gives the largest parameter difference (0: the same schedule
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -40,9 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from strategy_overhead import LOSSES, MODELS, batch_for  # noqa: E402
+from strategy_overhead import LOSSES, MODELS, batch_for, depth_for, pipeline_for  # noqa: E402
 
-from layerpipe import Pipeline  # noqa: E402
 from layerpipe.report.records import environment  # noqa: E402
 
 ENGINE = ("sync", "latest", "stash", "ema")
@@ -130,16 +130,15 @@ def make_step(variant: str, make, name: str, stages: int, batch: int):
     torch.manual_seed(0)
     data = [batch_for(name, batch) for _ in range(8)]
     model = make()
-    k = min(stages, len(model))
+    k = depth_for(model, stages)
+    counter = itertools.count()
     if variant in ENGINE:
-        pipe = Pipeline(model, stages=k, weights=variant, optimizer=optimizer, loss_fn=F.cross_entropy)
-        counter = iter(range(10**9))
+        pipe = pipeline_for(name, model, stages, variant, optimizer=optimizer)
 
         def step() -> None:
             pipe.step(*data[next(counter) % 8])
     elif variant == "plain":
         opt = optimizer(model.parameters())
-        counter = iter(range(10**9))
 
         def step() -> None:
             x, y = data[next(counter) % 8]
@@ -147,7 +146,7 @@ def make_step(variant: str, make, name: str, stages: int, batch: int):
             F.cross_entropy(model(x), y).backward()
             opt.step()
     else:
-        sizes = Pipeline(make(), stages=k).stage_sizes
+        sizes = pipeline_for(name, make(), stages, "sync").stage_sizes
         loop = HandLoop(model, sizes, delayed=variant.startswith("hand latest"), stage_by_stage=variant == STAGE_BY_STAGE)
 
         def step() -> None:
@@ -170,7 +169,7 @@ def largest_difference(make, name: str, stages: int, batch: int, ticks: int = 12
         ours = make()
         torch.manual_seed(1)
         theirs = make()
-        pipe = Pipeline(ours, stages=min(stages, len(ours)), weights=engine, optimizer=optimizer, loss_fn=F.cross_entropy)
+        pipe = pipeline_for(name, ours, stages, engine, optimizer=optimizer)
         loop = HandLoop(theirs, pipe.stage_sizes, delayed=delayed, stage_by_stage=by_stage)
         for i in range(ticks):
             torch.manual_seed(100 + i)  # dropout draws the same masks in both
@@ -233,7 +232,7 @@ def main() -> int:
                     samples[v].append(time_variant(v, make, name, depth, batch, args.ticks))
             med = {v: 1000 * statistics.median(s) for v, s in samples.items()}
             hand = med["hand latest"]
-            row = (f"| {name} | {min(depth, len(make()))} | " + " | ".join(f"{med[v]:.2f}" for v in variants)
+            row = (f"| {name} | {depth_for(make(), depth)} | " + " | ".join(f"{med[v]:.2f}" for v in variants)
                    + f" | {hand / med['hand sync']:.3f}x | {med['latest'] / hand:.3f}x | {med['latest'] / med['sync']:.3f}x"
                    f" | {med['stash'] / hand:.3f}x | {med['ema'] / hand:.3f}x"
                    + (f" | {med[STAGE_BY_STAGE] / hand:.3f}x" if args.stage_by_stage else "") + f" | {difference:.1e} |")

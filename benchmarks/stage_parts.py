@@ -26,7 +26,7 @@ from layerpipe.report.records import environment  # noqa: E402
 from layerpipe.weights.ema import UpdateEMA  # noqa: E402
 from layerpipe.weights.stash import Stash  # noqa: E402
 
-STAGE_METHODS = ["forward", "backward", "update", "_backward_swapped", "_backward_hooked", "_step_hidden"]
+STAGE_METHODS = ["forward", "backward", "update", "_backward_swapped", "_backward_hooked", "_hidden"]
 STRATEGY_METHODS = ["record_forward", "backward_weights", "release", "before_update", "after_update", "history_bytes"]
 
 

@@ -18,6 +18,12 @@ the report ends with each target met or not, cell by cell. A strategy whose trai
 (the library stops it at a NaN loss: the comparison estimators can, at large delays) shows
 `diverged` in its cell instead of a time. The load average at the start is
 printed too: read ratios from a loaded machine with care.
+
+`--fused-update`: every pipeline runs each stage's update as one compiled loop per tensor
+(`Pipeline(fused_update=True)`: the strategy's passes and the SGD step), and `plain` uses
+torch's own fused SGD kernel (`fused=True`), so sync and plain keep their best update too.
+`extrapolate` and `momentum` state no passes: their updates run unfused (`--strategies` leaves
+them out).
 """
 from __future__ import annotations
 
@@ -172,11 +178,12 @@ def _ratio(a: float, b: float) -> str:
     return "diverged" if math.isnan(a) else f"{a / b:.3f}x"
 
 
-def time_plain(make_model, name: str, ticks: int, batch: int, clock) -> float:
-    """Seconds per step of plain PyTorch training of the same model."""
+def time_plain(make_model, name: str, ticks: int, batch: int, clock, fused: bool = False) -> float:
+    """Seconds per step of plain PyTorch training of the same model (`fused`: torch's fused
+    SGD kernel)."""
     torch.manual_seed(0)
     model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True if fused else None)
     data = [batch_for(name, batch) for _ in range(8)]
 
     def step(i: int) -> None:
@@ -194,11 +201,12 @@ def time_plain(make_model, name: str, ticks: int, batch: int, clock) -> float:
 
 
 def time_ticks(make_model, name: str, stages: int, weights: str, ticks: int, batch: int,
-               clock=time.perf_counter) -> tuple[float, int, int]:
+               clock=time.perf_counter, fused: bool = False) -> tuple[float, int, int]:
     torch.manual_seed(0)
     model = make_model()
     k = depth_for(model, stages)
-    pipe = pipeline_for(name, model, stages, weights, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9))
+    pipe = pipeline_for(name, model, stages, weights, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
+                        fused_update=fused)
     data = [batch_for(name, batch) for _ in range(8)]
     warm = 2 * k + 2  # fill the pipeline first
     for i in range(warm):
@@ -218,8 +226,13 @@ def main() -> int:
     p.add_argument("--clock", default="wall", choices=tuple(CLOCKS), help="wall (default) or cpu (process CPU time)")
     p.add_argument("--models", default="cnn1d,mlp-512", help="comma-separated: " + ", ".join(MODELS))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help="comma-separated, from: " + ", ".join(STRATEGIES) + " (plain and sync always run)")
+    p.add_argument("--fused-update", action="store_true",
+                   help="every pipeline with fused_update=True, plain with torch's fused SGD (see above)")
     p.add_argument("--out", default=None, help="also write the report to this Markdown file")
     args = p.parse_args()
+    strategies = tuple(w for w in STRATEGIES if w in {"plain", "sync", *args.strategies.split(",")})
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()
@@ -229,32 +242,34 @@ def main() -> int:
         "# Weight-strategy overhead: time per tick vs sync (and plain PyTorch), weight history vs |W|",
         "",
         f"Command: `python benchmarks/strategy_overhead.py --ticks {args.ticks} --repeats {args.repeats} "
-        f"--depths {args.depths} --clock {args.clock} --threads {args.threads} --models {args.models}`",
+        f"--depths {args.depths} --clock {args.clock} --threads {args.threads} --models {args.models}"
+        f"{' --strategies ' + ','.join(strategies) if strategies != STRATEGIES else ''}"
+        f"{' --fused-update' if args.fused_update else ''}`",
         f"Machine: {env['processor']}, {env['cpus']} CPUs, {env['torch_threads']} torch threads; "
         f"torch {env['torch']}, python {env['python']}; date {env['date']}; commit {env['commit']}; "
         f"load average at start {os.getloadavg()[0]:.2f}",
         "",
-        "| model | K | stages | " + " | ".join(f"{w} time" for w in STRATEGIES) + " | "
-        + " | ".join(f"{w} bytes/\\|W\\|" for w in STRATEGIES) + " | sync ms/tick |",
-        "|---|---|---|" + "---|" * (2 * len(STRATEGIES) + 1),
+        "| model | K | stages | " + " | ".join(f"{w} time" for w in strategies) + " | "
+        + " | ".join(f"{w} bytes/\\|W\\|" for w in strategies) + " | sync ms/tick |",
+        "|---|---|---|" + "---|" * (2 * len(strategies) + 1),
     ]
     print("\n".join(lines), flush=True)  # the title, machine and the table's header
     ratios: list[tuple[str, dict[str, float], float]] = []
     for name, (make, batch) in models.items():
         for depth in [int(d) for d in args.depths.split(",")]:
-            samples: dict[str, list[float]] = {w: [] for w in STRATEGIES}
+            samples: dict[str, list[float]] = {w: [] for w in strategies}
             held: dict[str, float] = {}
             diverged: set[str] = set()  # a NaN loss stopped it: no time, shown as such
             for _ in range(args.repeats):
-                for w in STRATEGIES:
+                for w in strategies:
                     if w == "plain":
-                        samples[w].append(time_plain(make, name, args.ticks, batch, clock))
+                        samples[w].append(time_plain(make, name, args.ticks, batch, clock, args.fused_update))
                         held[w] = 0.0
                         continue
                     if w in diverged:
                         continue
                     try:
-                        sec, hist, params = time_ticks(make, name, depth, w, args.ticks, batch, clock)
+                        sec, hist, params = time_ticks(make, name, depth, w, args.ticks, batch, clock, args.fused_update)
                     except TrainingDiverged:  # a comparison estimator may (the library stops it)
                         diverged.add(w)
                         continue
@@ -264,16 +279,16 @@ def main() -> int:
             k = depth_for(make(), depth)
             sizes = pipeline_for(name, make(), depth, "sync").stage_sizes
             row = (f"| {name} | {k} | {','.join(map(str, sizes))} | "
-                   + " | ".join(_ratio(med[w], med["sync"]) for w in STRATEGIES) + " | "
-                   + " | ".join("-" if w in diverged else f"{held[w]:.2f}" for w in STRATEGIES)
+                   + " | ".join(_ratio(med[w], med["sync"]) for w in strategies) + " | "
+                   + " | ".join("-" if w in diverged else f"{held[w]:.2f}" for w in strategies)
                    + f" | {1000 * med['sync']:.2f} |")
-            plain_row = "|   (vs plain) | | | " + " | ".join(_ratio(med[w], med["plain"]) for w in STRATEGIES) + " |"
+            plain_row = "|   (vs plain) | | | " + " | ".join(_ratio(med[w], med["plain"]) for w in strategies) + " |"
             lines += [row, plain_row]
             print(row, plain_row, sep="\n", flush=True)
-            ratios.append((f"{name} K={k}", {w: med[w] / med["sync"] for w in TARGETS}, held.get("ema", math.nan)))
+            ratios.append((f"{name} K={k}", {w: med[w] / med["sync"] for w in TARGETS if w in med}, held.get("ema", math.nan)))
     lines += ["", "Issue 15 targets (x sync): " + ", ".join(f"{w} <= {t}" for w, t in TARGETS.items()) + ", ema history <= 1.00 |W|"]
     for cell, r, ema_held in ratios:
-        verdict = [f"{w} {r[w]:.3f}x {'met' if r[w] <= t else 'NOT met'}" for w, t in TARGETS.items()]
+        verdict = [f"{w} {r[w]:.3f}x {'met' if r[w] <= t else 'NOT met'}" for w, t in TARGETS.items() if w in r]
         verdict.append(f"ema history {ema_held:.2f} |W| {'met' if ema_held <= 1.0 else 'NOT met'}")
         if any(math.isnan(v) for v in r.values()):
             verdict.append("(nan: the strategy's training diverged)")

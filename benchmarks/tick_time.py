@@ -7,7 +7,9 @@ interleaved, in one quiet window).
     PYTHONPATH=/tmp/old/src python benchmarks/tick_time.py mlp-512 4 sync,stash,ema
 
 SGD with momentum 0.01/0.9, 20 ticks of warm-up, then 150 timed ticks, 5 interleaved repeats;
-CPU time per tick (median) and the ratio to `sync`, 1 thread.
+CPU time per tick (median) and the ratio to `sync`, 1 thread. A name with `+fused` runs that
+strategy with `fused_update=True` (`sync,sync+fused,ema,ema+fused`: both updates side by side;
+each fused run checks that every stage's updates did fuse).
 """
 from __future__ import annotations
 
@@ -39,15 +41,22 @@ def main() -> int:
     times: dict[str, list[float]] = {}
     for _ in range(args.repeats):
         for w in args.weights.split(","):
+            weights, _, option = w.partition("+")
+            if option not in ("", "fused"):
+                p.error(f"unknown option {option!r} in {w!r} (only +fused)")
             torch.manual_seed(0)
-            pipe = pipeline_for(args.model, make(), args.stages, w,
+            pipe = pipeline_for(args.model, make(), args.stages, weights, fused_update=option == "fused",
                                 optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9))
             for i in range(20):
                 pipe.step(*data[i % 8])
+            fused_before = [s.fused.fused_steps for s in pipe.stages if s.fused is not None]
             start = time.process_time()
             for i in range(args.ticks):
                 pipe.step(*data[i % 8])
             times.setdefault(w, []).append((time.process_time() - start) / args.ticks * 1e3)
+            fused_after = [s.fused.fused_steps for s in pipe.stages if s.fused is not None]
+            if option and any(b - a < args.ticks for a, b in zip(fused_before, fused_after)):
+                raise SystemExit(f"{w}: a stage's update did not fuse every tick ({fused_before} -> {fused_after})")
     med = {w: statistics.median(v) for w, v in times.items()}
     base = med.get("sync")
     cells = [f"{w} {m:.3f}ms" + (f" ({m / base:.3f}x)" if base else "") for w, m in med.items()]

@@ -61,6 +61,11 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
                    help="delay compensation, repeatable: NAME or NAME:KEY=VALUE,... e.g. nesterov, muon:lr=4e-3, "
                         "error-feedback:c=0.5, predict, accumulate, pipemare; 'none' for none "
                         "(default: the model's recipe). See layerpipe.compensate")
+    p.add_argument("--fused-update", action="store_true",
+                   help="run each stage's update (the weight strategy's copy or lerps of its buffer and the SGD "
+                        "step) as one loop per tensor compiled by torch.compile: each tensor read once per update. "
+                        "SGD without --compensation only; needs a C++ compiler; each stage's first update "
+                        "compiles (seconds, cached on disk)")
     p.add_argument("--weight-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of the weight strategy, repeatable: e.g. alpha=0.3 (ema)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -80,7 +85,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         threads=args.threads, model_options=parse_model_options(args.model_option, "--model-option"),
         weight_options=parse_model_options(args.weight_option, "--weight-option"),
         compensation=_compensation(args.compensation),
-        sync_warmup=args.sync_warmup,
+        sync_warmup=args.sync_warmup, fused_update=getattr(args, "fused_update", False),
     )
     fields.update(overrides)
     return TrainConfig(**fields)

@@ -35,6 +35,7 @@ def build_stages(
     clip_grad_norm: float | None = None,
     lr_scheduler: SchedulerFactory | None = None,
     compensation: Sequence[Any] | None = None,
+    fused_update: bool = False,
 ) -> list[Stage]:
     """One `Stage` per module (or only stage `only`), each with its optimizer and strategy.
 
@@ -43,7 +44,8 @@ def build_stages(
     (the distributed runtime) the caller links them (`engine.distributed.tied`). `compensation`:
     delay-compensation specs (`layerpipe.compensate`, e.g. ["predict"]) that build or wrap
     each stage's optimizer knowing the stage's delay. The model's embeddings and output matrix
-    are tagged for `MuonAdamW` (`compensate.muon.mark_io_matrices`)."""
+    are tagged for `MuonAdamW` (`compensate.muon.mark_io_matrices`). `fused_update`: each
+    stage's update in one compiled loop (`engine.fused`)."""
     options = dict(weight_options or {})
     last = spec.num_stages - 1
     mark_io_matrices(modules)  # Muon (if a stage's optimizer is one) leaves these to AdamW
@@ -62,7 +64,7 @@ def build_stages(
         owned = [p for p in modules[k].parameters() if p.requires_grad and users[id(p)][0] == k] if tied else None
         stages.append(Stage(k, modules[k], spec.delays[k], lambda ps, d, opt: make_strategy(weights, ps, d, opt, **options),
                             factory, is_last=k == last, loss_fn=loss_fn, owned=owned, autocast=autocast,
-                            clip_grad_norm=clip_grad_norm, lr_scheduler=lr_scheduler))
+                            clip_grad_norm=clip_grad_norm, lr_scheduler=lr_scheduler, fused_update=fused_update))
     if compensation:
         for stage in stages:
             if stage.optimizer is not None:

@@ -136,6 +136,11 @@ class Pipeline:
         compensation: delay compensation, a list of specs of `layerpipe.compensate` (e.g.
             ["nesterov", "predict:c=0.5"]): techniques that build or wrap each stage's
             optimizer knowing its delay; anything they keep counts in the history bytes.
+        fused_update: run each stage's update (the weight strategy's copy or lerps of its
+            buffer and the optimizer step) as one loop per tensor compiled by torch.compile:
+            every tensor read once per update instead of once per pass (`engine.fused`).
+            torch.optim.SGD only, without `compensation`; needs a C++ compiler on a CPU, and
+            each stage's first update compiles (seconds).
     """
 
     def __init__(
@@ -155,6 +160,7 @@ class Pipeline:
         clip_grad_norm: float | None = None,
         lr_scheduler: SchedulerFactory | None = None,
         compensation: Sequence[Any] | None = None,
+        fused_update: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise PlanError(f"the model must be an nn.Sequential of layers or another nn.Module with split_points, "
@@ -177,6 +183,7 @@ class Pipeline:
         self._stage_options: dict[str, Any] = {
             "autocast": (device, dtype) if dtype is not None else None,
             "clip_grad_norm": clip_grad_norm, "lr_scheduler": lr_scheduler, "compensation": compensation,
+            "fused_update": bool(fused_update),
         }
         self._build_args = (strategy, checked_optimizer(optimizer or default_optimizer), loss_fn, weight_options)
         self.stages: list[Stage] = []

@@ -63,6 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from layerpipe.compensate import history_bytes, steps_now, update_period
+from layerpipe.engine.fused import fused_update_for
 from layerpipe.engine.saved import (STRIDED, ParamRef, TiedGrads, owns_storage, same_tensor, set_versions,
                                     storage_spans, swap_storages)
 from layerpipe.errors import LayerpipeError, PlanError, TrainingDiverged
@@ -125,8 +126,10 @@ class Stage:
 
     Optional controls: `owned` (the parameters this stage updates; default: all it reads),
     `autocast` ((device type, dtype): each forward and the loss run under `torch.autocast`),
-    `clip_grad_norm` (clip the stage's gradient to this norm before each step) and
-    `lr_scheduler` (factory called with the stage's optimizer; stepped after every update).
+    `clip_grad_norm` (clip the stage's gradient to this norm before each step),
+    `lr_scheduler` (factory called with the stage's optimizer; stepped after every update) and
+    `fused_update` (the strategy's passes and an SGD step in one compiled loop per tensor:
+    `engine.fused`).
     """
 
     def __init__(
@@ -143,6 +146,7 @@ class Stage:
         autocast: tuple[str, torch.dtype] | None = None,
         clip_grad_norm: float | None = None,
         lr_scheduler: SchedulerFactory | None = None,
+        fused_update: bool = False,
     ) -> None:
         self.index = index
         self.module = module
@@ -166,6 +170,10 @@ class Stage:
         self.stepped = False
         self.scheduler = lr_scheduler(self.optimizer) if (lr_scheduler and self.optimizer) else None
         self.clip_grad_norm = clip_grad_norm
+        #: the update as one compiled loop (`engine.fused`); None: torch.optim's step between the
+        #: strategy's hooks (also where fused_update leaves a small stage unfused)
+        self.fused = fused_update_for(index, self.optimizer, self.strategy, self.owned) \
+            if (fused_update and self.optimizer is not None) else None
         #: False: a compensation that accumulates keeps its own sum instead of the gradients
         #: (for a caller that touches `.grad` between ticks); see `can_keep_grads`
         self.may_keep_grads = True
@@ -436,17 +444,15 @@ class Stage:
         if self.clip_grad_norm is not None and self.owned:
             torch.nn.utils.clip_grad_norm_(self.owned, self.clip_grad_norm)
         self.stepped = stepping = steps_now(self.optimizer)
-        if stepping:
-            self.strategy.before_update()
-        if self.optimizer is not None:
-            if self.hides_updates:
-                self._step_hidden()
-            else:
-                self.optimizer.step()
-        if stepping:
-            self.strategy.after_update()
-        else:  # an accumulation's tick: the weights did not move
-            self.strategy.skip_update()
+        if not (self.fused is not None and self._hidden(self.fused.step)):
+            if stepping:
+                self.strategy.before_update()
+            if self.optimizer is not None:
+                self._hidden(self.optimizer.step)
+            if stepping:
+                self.strategy.after_update()
+            else:  # an accumulation's tick: the weights did not move
+                self.strategy.skip_update()
         if self.scheduler is not None:
             self.scheduler.step()
         self._clear_grads()
@@ -469,14 +475,19 @@ class Stage:
         for p in self.owned:
             p.grad = None
 
-    def _step_hidden(self) -> None:
-        """The optimizer step, with the version counters of the parameters this stage owns set
-        back after it: a forward that ran before reads the live weights in its backward, as
-        `latest` asks, without saved-tensor hooks (autograd's check would refuse otherwise)."""
+    def _hidden(self, step: Callable[[], Any]) -> Any:
+        """`step()` (the optimizer's, or the fused update), where `hides_updates` with the
+        version counters of the parameters this stage owns set back after it: a forward that
+        ran before reads the live weights in its backward, as `latest` asks, without
+        saved-tensor hooks (autograd's check would refuse otherwise)."""
+        if not self.hides_updates:
+            return step()
         params = tuple(self.owned)
         versions = tuple(p._version for p in params)
-        self.optimizer.step()
-        set_versions(params, versions)
+        try:
+            return step()
+        finally:
+            set_versions(params, versions)
 
     # -- reporting and checkpoints ----------------------------------------------------------
     def history_bytes(self) -> int:

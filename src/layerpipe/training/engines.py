@@ -110,7 +110,8 @@ class LocalEngine:
             return Pipeline(model, stages=_split_stages(config, split_points) if split else parse_stages(config.stages),
                             weights=config.weights, optimizer=make_optimizer_factory(config), loss_fn=loss_fn,
                             schedule=config.schedule, weight_options=config.weight_options,
-                            compensation=compensation, split_points=split_points, example_inputs=example_inputs)
+                            compensation=compensation, split_points=split_points, example_inputs=example_inputs,
+                            fused_update=config.fused_update)
 
         self.pipe = pipeline(config.compensation)
         # the accumulation depends on the delays, known once built; building changes no
@@ -253,13 +254,15 @@ class DistributedEngine:
                 worker = StageWorker(comm, model, spec, weights=strategy,
                                      optimizer=make_optimizer_factory(config), loss_fn=loss_fn, device=device,
                                      weight_options=config.weight_options,
-                                     compensation=config.run_compensation(max(spec.delays), dp), split=cut)
+                                     compensation=config.run_compensation(max(spec.delays), dp), split=cut,
+                                     fused_update=config.fused_update)
             else:
                 spec = sequential_spec(model, parse_stages(config.stages), schedule)
                 worker = StageWorker(comm, model, spec, weights=strategy, optimizer=make_optimizer_factory(config),
                                      loss_fn=loss_fn, sample=data.x_train[:2], device=device,
                                      weight_options=config.weight_options,
-                                     compensation=config.run_compensation(max(spec.delays), dp))
+                                     compensation=config.run_compensation(max(spec.delays), dp),
+                                     fused_update=config.fused_update)
         except BaseException as exc:
             raise cls(comm, None).fail(exc) from None  # type: ignore[arg-type]
         return cls(comm, worker)

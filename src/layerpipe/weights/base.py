@@ -7,15 +7,42 @@ step (`before_update`, `after_update`) and, when the backward runs, returns one 
 parameter to stand in for the parameters autograd saved (`backward_weights`). It reports
 the bytes it holds for weight history, counted from the tensors it keeps, and declares how
 many versions of the stage's weights that is (`history_versions`, the planner's formula).
+
+A strategy whose work around a step is a copy or a lerp of its buffer toward the weights
+also states it as data (`update_passes`, `BufferPass`), so a fused update
+(`layerpipe.engine.fused`) can run those passes and the optimizer step in one loop per tensor.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+
+
+@dataclass(frozen=True)
+class BufferPass:
+    """buffers[i] <- lerp(buffers[i], params[i], weight) for every parameter; `weight` None:
+    a copy of the parameters (what lerp with weight 1 means, without its rounding)."""
+
+    buffers: list[Tensor]
+    weight: float | None = None
+
+    def run(self, params: Sequence[Tensor]) -> None:
+        if not self.buffers:
+            return
+        if self.weight is None:
+            torch._foreach_copy_(self.buffers, list(params))
+        else:
+            torch._foreach_lerp_(self.buffers, list(params), self.weight)
+
+
+def run_pass(step: BufferPass | None, params: Sequence[Tensor]) -> None:
+    if step is not None:
+        step.run(params)
 
 
 class WeightStrategy:
@@ -63,6 +90,13 @@ class WeightStrategy:
     def after_update(self) -> None:
         """Called right after the optimizer stepped."""
         self.version += 1
+
+    def update_passes(self) -> tuple[BufferPass | None, BufferPass | None] | None:
+        """For a fused update: do the bookkeeping of `before_update` and `after_update` now,
+        and return their work on buffers as (before the step, after it) instead of running
+        it; the caller runs the passes and the step, in that order. None (nothing done): the
+        strategy cannot say so, and the caller calls the pair around the step."""
+        return None
 
     def skip_update(self) -> None:
         """Called instead of the pair above on a tick whose optimizer step leaves the weights

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from layerpipe.weights.base import WeightStrategy
+from layerpipe.weights.base import BufferPass, WeightStrategy, run_pass
 from layerpipe.weights.flat import FlatBuffer
 from layerpipe.weights.registry import register_strategy
 
@@ -112,36 +112,56 @@ class UpdateEMA(WeightStrategy):
         return True
 
     def before_update(self) -> None:
-        if self._avg is None:
-            return
-        if self.mode == PREVIOUS:
-            self._avg.copy_from(self.params)
-        elif self.mode == UPDATES:
+        if self.mode == UPDATES and self._avg is not None:
             # transient copy of W(t): 16-bit weights need the exact dW = W(t+1) - W(t)
             self._before = torch._foreach_mul(self.params, 1.0)
-        elif self.steps == 0:  # E starts at the weights: no update averaged yet, u = 0
-            self._avg.copy_from(self.params)
-            self._c = 1.0
-        elif self._c != 1.0:  # back to E while W is still W(t)
-            torch._foreach_lerp_(self._avg.views, self.params, 1.0 - 1.0 / self._c)
-            self._c = 1.0
+            return
+        run_pass(self._before_pass(), self.params)
 
     def after_update(self) -> None:
-        super().after_update()
-        if self._avg is None:
-            return
-        self.steps += 1
-        if self.mode == UPDATES:
+        if self.mode == UPDATES and self._avg is not None:
+            super().after_update()
+            self.steps += 1
             assert self._before is not None
             delta = torch._foreach_sub(self.params, self._before)
             self._before = None
             torch._foreach_lerp_(self._avg.views, delta, self.alpha)
-        elif self.mode == REBUILT:
-            # E' = lerp(E, W, alpha), then W + c (E' - W) = lerp(E, W, 1 - c (1 - alpha)): one
-            # pass, for the n of the steady state, d_k updates since the forward
-            c = -self._scale(self.delay)
-            torch._foreach_lerp_(self._avg.views, self.params, 1.0 - c * (1.0 - self.alpha))
-            self._c = c
+            return
+        run_pass(self._after_pass(), self.params)
+
+    def update_passes(self) -> tuple[BufferPass | None, BufferPass | None] | None:
+        if self.mode == UPDATES and self._avg is not None:  # dW itself: not a pass over the buffer
+            return None
+        return self._before_pass(), self._after_pass()
+
+    def _before_pass(self) -> BufferPass | None:
+        """REBUILT and PREVIOUS: the work before the step, with its bookkeeping done."""
+        if self._avg is None:
+            return None
+        if self.mode == PREVIOUS:
+            return BufferPass(self._avg.views)
+        if self.steps == 0:  # E starts at the weights: no update averaged yet, u = 0
+            self._c = 1.0
+            return BufferPass(self._avg.views)
+        if self._c != 1.0:  # back to E while W is still W(t)
+            weight = 1.0 - 1.0 / self._c
+            self._c = 1.0
+            return BufferPass(self._avg.views, weight)
+        return None
+
+    def _after_pass(self) -> BufferPass | None:
+        """REBUILT and PREVIOUS: the work after the step, with its bookkeeping done."""
+        super().after_update()
+        if self._avg is None:
+            return None
+        self.steps += 1
+        if self.mode != REBUILT:
+            return None
+        # E' = lerp(E, W, alpha), then W + c (E' - W) = lerp(E, W, 1 - c (1 - alpha)): one
+        # pass, for the n of the steady state, d_k updates since the forward
+        c = -self._scale(self.delay)
+        self._c = c
+        return BufferPass(self._avg.views, 1.0 - c * (1.0 - self.alpha))
 
     @staticmethod
     def history_versions(delay: int) -> int:

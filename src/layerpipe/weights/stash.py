@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from layerpipe.weights.base import WeightStrategy
+from layerpipe.weights.base import BufferPass, WeightStrategy, run_pass
 from layerpipe.weights.flat import FlatBuffer
 from layerpipe.weights.registry import register_strategy
 
@@ -55,10 +55,20 @@ class Stash(WeightStrategy):
                 self._free.append(buf)
 
     def before_update(self) -> None:
+        run_pass(self._save_version(), self.params)
+
+    def update_passes(self) -> tuple[BufferPass | None, BufferPass | None]:
+        before = self._save_version()
+        self.after_update()
+        return before, None
+
+    def _save_version(self) -> BufferPass | None:
+        """The copy that keeps the current version, where a pending backward needs it."""
         if self._pending.get(self.version, 0) > 0 and self.version not in self._saved:
             buf = self._free.pop() if self._free else FlatBuffer(self.params, separate=True)
-            buf.copy_from(self.params)
             self._saved[self.version] = buf
+            return BufferPass(buf.views)
+        return None
 
     @staticmethod
     def history_versions(delay: int) -> int:

@@ -106,6 +106,7 @@ class StageWorker:
             it has `boundary_specs`), the same in every process; `model` is then `split.model`.
         device: where this stage computes; its layers move there (default: `comm.device`).
             Build the model on the CPU: only this stage's layers reach the device.
+        fused_update: this stage's update as one compiled loop per tensor (see `Pipeline`).
     """
 
     def __init__(
@@ -122,6 +123,7 @@ class StageWorker:
         weight_options: Mapping[str, Any] | None = None,
         compensation: Sequence[Any] | None = None,
         split: SplitModel | None = None,
+        fused_update: bool = False,
     ) -> None:
         self.comm = comm
         layout = comm.layout
@@ -162,7 +164,7 @@ class StageWorker:
         #: per microbatch of the last epoch: this replica's share n_j / N of the global microbatch
         self.loss_weights: list[float] = []
         (self.stage,) = build_stages(modules, spec, weights, optimizer, loss_fn, weight_options, only=k,
-                                     compensation=compensation)
+                                     compensation=compensation, fused_update=fused_update)
         #: tied parameters shared with other stages' processes (inactive when there are none)
         self.tied = TiedLinks(comm, self.stage, modules, spec, weights, weight_options, compensation)
         self.loss_fn = loss_fn

@@ -18,6 +18,8 @@ from reference import delayed_sgd, delayed_sgd_rebuilt, plain_training
 from test_engine import make_batches, make_model, run_pipeline
 
 SGD = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
+ADAM = lambda ps: torch.optim.Adam(ps, lr=0.01)  # noqa: E731
+OPTIMIZERS = {"sgd-momentum": SGD, "adam": ADAM}
 
 
 @pytest.fixture(autouse=True)
@@ -47,30 +49,33 @@ def test_sync_fused_equals_plain_pytorch():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("stages", [[1, 3, 2, 1], [4, 3]])
-def test_stash_fused_equals_handwritten_delayed_sgd(stages, backward_path):
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_stash_fused_equals_handwritten_delayed_sgd(opt, backward_path):
+    stages = [1, 3, 2, 1]
     model, batches = make_model(torch.float64), make_batches(dtype=torch.float64)
     K = len(stages)
     delays = [2 * (K - 1 - k) for k in range(K)]
-    ref_model, ref_losses = delayed_sgd(model, stages, delays, batches, SGD, F.cross_entropy)
-    pipe, losses = run_pipeline(model, batches, stages=stages, weights="stash", optimizer=SGD, fused_update=True)
+    ref_model, ref_losses = delayed_sgd(model, stages, delays, batches, OPTIMIZERS[opt], F.cross_entropy)
+    pipe, losses = run_pipeline(model, batches, stages=stages, weights="stash", optimizer=OPTIMIZERS[opt],
+                                fused_update=True)
     assert_fused(pipe)
     assert losses == pytest.approx(ref_losses, rel=1e-10)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
 @pytest.mark.parametrize("schedule", ["layerpipe", "pipedream"])
-def test_ema_fused_equals_handwritten_rebuilt_delayed_sgd(schedule, backward_path):
+def test_ema_fused_equals_handwritten_rebuilt_delayed_sgd(schedule, opt, backward_path):
     """The reconstruction W_now - n u_hat written plainly (tests/reference.py), d = 1 stages
     (pipedream) included: their buffer is a copy of the weights before the last update."""
     stages = [1, 3, 2, 1]
     model, batches = make_model(torch.float64), make_batches(dtype=torch.float64)
     delays = [(2 if schedule == "layerpipe" else 1) * (3 - k) for k in range(4)]
-    ref_model, ref_losses = delayed_sgd_rebuilt(model, stages, delays, batches, SGD, F.cross_entropy)
-    stash_model, _ = delayed_sgd(model, stages, delays, batches, SGD, F.cross_entropy)
-    pipe, losses = run_pipeline(model, batches, stages=stages, weights="ema", optimizer=SGD, schedule=schedule,
-                                fused_update=True)
+    ref_model, ref_losses = delayed_sgd_rebuilt(model, stages, delays, batches, OPTIMIZERS[opt], F.cross_entropy)
+    stash_model, _ = delayed_sgd(model, stages, delays, batches, OPTIMIZERS[opt], F.cross_entropy)
+    pipe, losses = run_pipeline(model, batches, stages=stages, weights="ema", optimizer=OPTIMIZERS[opt],
+                                schedule=schedule, fused_update=True)
     assert_fused(pipe)
     assert losses == pytest.approx(ref_losses, rel=1e-9, abs=1e-12)
     for p, q in zip(model.parameters(), ref_model.parameters()):
@@ -92,23 +97,25 @@ def test_latest_fused_equals_handwritten_backward_on_the_live_weights():
 
 
 OPTIONS = {
-    "nesterov-wd": dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
-    "dampening-maximize": dict(momentum=0.8, dampening=0.3, maximize=True),
-    "no-momentum": dict(momentum=0.0),
+    "sgd-nesterov-wd": (torch.optim.SGD, dict(momentum=0.9, nesterov=True, weight_decay=1e-2)),
+    "sgd-dampening-maximize": (torch.optim.SGD, dict(momentum=0.8, dampening=0.3, maximize=True)),
+    "sgd-no-momentum": (torch.optim.SGD, dict(momentum=0.0)),
+    "adam-wd-maximize": (torch.optim.Adam, dict(weight_decay=1e-2, betas=(0.8, 0.95), maximize=True)),
+    "adamw": (torch.optim.AdamW, dict(weight_decay=0.1)),
 }
 
 
 @pytest.mark.parametrize("weights", ["stash", "ema"])
 @pytest.mark.parametrize("options", list(OPTIONS))
 def test_fused_equals_unfused_for_sgds_options_and_groups(weights, options):
-    """SGD's options, two parameter groups (weights and biases, another lr each) and a
+    """The optimizers' options, two parameter groups (weights and biases, another lr each) and a
     learning-rate schedule (the lr enters as a tensor: no recompile, no stale value)."""
-    kw = OPTIONS[options]
-    lr = -0.05 if kw.get("maximize") else 0.05  # maximize climbs -loss: the same descent
+    cls, kw = OPTIONS[options]
+    lr = 0.05 if cls is torch.optim.SGD else 0.01
 
-    def opt(ps):
-        return torch.optim.SGD([{"params": [p for p in ps if p.dim() > 1]},
-                                {"params": [p for p in ps if p.dim() == 1], "lr": abs(lr) / 2}], lr=abs(lr), **kw)
+    def opt(ps):  # maximize climbs -loss below: the same descent
+        return cls([{"params": [p for p in ps if p.dim() > 1]},
+                    {"params": [p for p in ps if p.dim() == 1], "lr": lr / 2}], lr=lr, **kw)
 
     def loss_fn(out, y):
         return -F.cross_entropy(out, y) if kw.get("maximize") else F.cross_entropy(out, y)
@@ -124,7 +131,7 @@ def test_fused_equals_unfused_for_sgds_options_and_groups(weights, options):
             pipe.step(x, y)
         pipe.flush()
         if fused:
-            assert_fused(pipe, unfused_per_stage=0 if kw["momentum"] == 0 else 1)
+            assert_fused(pipe, unfused_per_stage=0 if kw.get("momentum", 1) == 0 else 1)
         results.append([p.detach().clone() for p in model.parameters()])
     start = make_model()
     for p, q, p0 in zip(*results, start.parameters()):
@@ -190,17 +197,39 @@ def test_a_stage_under_the_size_floor_stays_unfused_and_says_so(monkeypatch, cap
 
 
 @pytest.mark.parametrize("kw, needle", [
-    (dict(optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3)), "supports torch.optim.SGD; stage 0's optimizer is Adam"),
-    (dict(optimizer=SGD, compensation=["nesterov"]), "supports torch.optim.SGD"),
+    (dict(optimizer=lambda ps: torch.optim.RMSprop(ps, lr=1e-3)),
+     "supports torch.optim.SGD, Adam and AdamW; stage 0's optimizer is RMSprop"),
+    (dict(optimizer=SGD, compensation=["nesterov"]), "supports torch.optim.SGD, Adam and AdamW; stage 0's"),
+    (dict(optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3, amsgrad=True)), "Adam with amsgrad=True is not"),
 ])
 def test_what_cannot_fuse_is_refused_in_one_line(kw, needle):
     with pytest.raises(LayerpipeError, match=needle.replace(".", r"\.")):
         Pipeline(make_model(), stages=[2, 3, 2], weights="ema", fused_update=True, **kw)
 
 
-def test_cli_refuses_fused_update_with_another_optimizer(capsys):
+def test_cli_refuses_fused_update_with_a_compensation(capsys):
     from layerpipe.cli.main import main
 
-    assert main(["train", "--fused-update", "--optimizer", "adam", "--epochs", "1"]) != 0
+    assert main(["train", "--fused-update", "--compensation", "nesterov", "--epochs", "1"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["layerpipe train: error: --fused-update fuses an SGD step; this run has --optimizer adam"]
+    assert err == ["layerpipe train: error: --fused-update fuses the optimizer's own step; --compensation nesterov "
+                   "wraps it (give --compensation none)"]
+
+
+def test_a_loop_that_cannot_compile_ends_in_one_line(monkeypatch):
+    """Where torch.compile fails (no C++ compiler, say), the run stops with a LayerpipeError
+    naming the stage and the way out, not a compiler's traceback mid-training."""
+    import layerpipe.engine.fused as fused
+
+    def broken(loop, name):
+        def call(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
+        return call
+
+    monkeypatch.setattr(fused, "_compiled", broken)
+    pipe = Pipeline(make_model(), stages=[2, 3, 2], weights="ema", optimizer=SGD, fused_update=True)
+    with pytest.raises(LayerpipeError, match=r"^fused_update: stage \d's compiled update failed \(RuntimeError: "
+                                             r"InvalidCxxCompiler: No working C\+\+ compiler found\); run without "
+                                             r"fused_update$"):
+        for x, y in make_batches(n=12):
+            pipe.step(x, y)

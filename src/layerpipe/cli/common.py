@@ -62,10 +62,11 @@ def add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -
                         "error-feedback:c=0.5, predict, accumulate, pipemare; 'none' for none "
                         "(default: the model's recipe). See layerpipe.compensate")
     p.add_argument("--fused-update", action="store_true",
-                   help="run each stage's update (the weight strategy's copy or lerps of its buffer and the SGD "
-                        "step) as one loop per tensor compiled by torch.compile: each tensor read once per update. "
-                        "SGD without --compensation only; needs a C++ compiler; each stage's first update "
-                        "compiles (seconds, cached on disk)")
+                   help="run each stage's update (the weight strategy's copy or lerps of its buffer and the "
+                        "optimizer step: sgd, adam, adamw) as one loop per tensor compiled by torch.compile: each "
+                        "tensor read once per update; stages under 1 MiB of parameters stay unfused. Not with "
+                        "--compensation; needs a C++ compiler; each stage's first update compiles (seconds, cached "
+                        "on disk)")
     p.add_argument("--weight-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of the weight strategy, repeatable: e.g. alpha=0.3 (ema)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")

@@ -8,15 +8,17 @@ momentum reads the weights, the gradient and the momentum buffer and writes two 
 after the other, each streams the stage's tensors through memory again; in one loop per tensor
 every element is loaded once (`benchmarks/fused_update.py` measures it).
 
-What fuses: `torch.optim.SGD` (momentum, dampening, Nesterov, weight decay, maximize; every
-parameter group), with the passes a strategy states as data (`WeightStrategy.update_passes`:
-`latest`, `stash`, `ema`). Anything else is refused when the stage is built, in one line.
-The learning rate and the passes' weights enter the loop as 0-dim tensors, so a learning-rate
-schedule or ema's bias correction never recompiles; a group's other options are constants
-of the loop.
+What fuses: `torch.optim.SGD` (momentum, dampening, Nesterov, weight decay, maximize) and
+`torch.optim.Adam` / `AdamW` (weight decay coupled or decoupled, maximize; not amsgrad), every
+parameter group, with the passes a strategy states as data (`WeightStrategy.update_passes`:
+`latest`, `stash`, `ema`). Another optimizer (a delay compensation's wrapper included) is
+refused when the stage is built, in one line. The learning rate, Adam's bias corrections and
+the passes' weights enter the loop as 0-dim tensors, so a learning-rate schedule or ema's bias
+correction never recompiles; a group's other options are constants of the loop.
 
-Same arithmetic, unfused (eager torch ops, as without the option): the first step of SGD with
-momentum (its buffer starts as the gradient), a step in which a parameter has no gradient, and
+Same arithmetic, unfused (eager torch ops, as without the option): the optimizer's first step
+(it makes its state: SGD's momentum starts as the gradient), a step in which a parameter has
+no gradient (and Adam's steps after it, while its parameters' step counts differ), and
 a strategy whose update is no pass over a buffer (`ema` on 16-bit weights, the estimators kept
 for comparison: logged once). Numbers agree with the eager update to float rounding (the
 compiled loop may contract a multiply and an add).
@@ -49,21 +51,25 @@ log = logging.getLogger(__name__)
 MIN_FUSED_BYTES = 2**20
 
 
+def _pass(buffer: Tensor, w: Tensor, weight: Tensor, copy: bool) -> None:
+    """A strategy's pass on one tensor (`BufferPass`): a copy of `w`, or a lerp toward it."""
+    if copy:
+        buffer.copy_(w)
+    else:
+        buffer.lerp_(w, weight)
+
+
 def _sgd_loop(
-    params: list[Tensor], grads: list[Tensor], momenta: list[Tensor] | None,
-    before: list[Tensor] | None, after: list[Tensor] | None,
-    lr: Tensor, before_weight: Tensor, after_weight: Tensor,
+    params: list[Tensor], grads: list[Tensor], before: list[Tensor] | None, after: list[Tensor] | None,
+    before_weight: Tensor, after_weight: Tensor, before_copy: bool, after_copy: bool,
+    momenta: list[Tensor] | None, lr: Tensor,
     momentum: float, dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
-    before_copy: bool, after_copy: bool,
 ) -> None:
     """torch.optim.SGD's step (`_single_tensor_sgd`, after the first) between the strategy's
     passes, tensor by tensor: compiled, each tensor's loop reads every operand once."""
     for i, (w, g) in enumerate(zip(params, grads)):
         if before is not None:
-            if before_copy:
-                before[i].copy_(w)
-            else:
-                before[i].lerp_(w, before_weight)
+            _pass(before[i], w, before_weight, before_copy)
         d = -g if maximize else g
         if weight_decay != 0:
             d = d.add(w, alpha=weight_decay)
@@ -73,35 +79,130 @@ def _sgd_loop(
             d = d.add(m, alpha=momentum) if nesterov else m
         w.sub_(d * lr)
         if after is not None:
-            if after_copy:
-                after[i].copy_(w)
+            _pass(after[i], w, after_weight, after_copy)
+
+
+def _adam_loop(
+    params: list[Tensor], grads: list[Tensor], before: list[Tensor] | None, after: list[Tensor] | None,
+    before_weight: Tensor, after_weight: Tensor, before_copy: bool, after_copy: bool,
+    exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], step_size: Tensor, bias_correction2_sqrt: Tensor,
+    decay: Tensor, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool,
+) -> None:
+    """torch.optim.Adam's and AdamW's step (`_single_tensor_adam`, without amsgrad; the step
+    count and the bias corrections are the caller's) between the strategy's passes."""
+    for i, (w, g) in enumerate(zip(params, grads)):
+        if before is not None:
+            _pass(before[i], w, before_weight, before_copy)
+        d = -g if maximize else g
+        if weight_decay != 0:
+            if decoupled:
+                w.mul_(decay)
             else:
-                after[i].lerp_(w, after_weight)
+                d = d.add(w, alpha=weight_decay)
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        m.lerp_(d, 1 - beta1)
+        v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+        w.sub_(step_size * m / (v.sqrt() / bias_correction2_sqrt + eps))
+        if after is not None:
+            _pass(after[i], w, after_weight, after_copy)
 
 
-def _compiled_loop(name: str) -> Callable[..., None]:
-    """`_sgd_loop` compiled as a code object of its own: torch.compile's cache, and its limit
-    of 8 variants before it runs the function uncompiled (silently), is per code object. One per
+def _compiled(loop: Callable[..., None], name: str) -> Callable[..., None]:
+    """`loop` compiled as a code object of its own: torch.compile's cache, and its limit of 8
+    variants before it runs the function uncompiled (silently), is per code object. One per
     parameter group of a stage sees at most 6 (before the step: nothing, a copy or a lerp;
     after it: nothing or a lerp)."""
-    code = _sgd_loop.__code__.replace(co_name=name)
-    fn = types.FunctionType(code, _sgd_loop.__globals__, name)
+    code = loop.__code__.replace(co_name=name)
+    fn = types.FunctionType(code, loop.__globals__, name)
     # size_asserts: the guards already check every input's shape and strides (static shapes)
     return torch.compile(fn, fullgraph=True, dynamic=False, options={"size_asserts": False})
 
 
-_GROUP_OPTIONS = ("momentum", "dampening", "nesterov", "weight_decay", "maximize")
+class _SGD:
+    """torch.optim.SGD: its momentum buffers (made by its first step, from the gradient)."""
+
+    loop = staticmethod(_sgd_loop)
+    scalar_count = 1
+
+    @staticmethod
+    def state(optimizer: Any, group: dict[str, Any]) -> list[Any] | None:
+        if group["momentum"] == 0:
+            return [None]
+        bufs = [optimizer.state[p].get("momentum_buffer") if p in optimizer.state else None for p in group["params"]]
+        return None if any(b is None for b in bufs) else [bufs]
+
+    @staticmethod
+    def scalars(group: dict[str, Any], state: list[Any]) -> tuple[Any, ...]:
+        return (group["lr"],)
+
+    @staticmethod
+    def loop_state(state: list[Any]) -> list[Any]:
+        return state
+
+    @staticmethod
+    def constants(group: dict[str, Any]) -> tuple[Any, ...]:
+        return (float(group["momentum"]), float(group["dampening"]), bool(group["nesterov"]),
+                float(group["weight_decay"]), bool(group["maximize"]))
+
+    @staticmethod
+    def stepped(state: list[Any]) -> None:
+        pass
+
+
+class _Adam:
+    """torch.optim.Adam and AdamW: first and second moments and the step counts (made by the
+    first step). The bias corrections come from the group's step count, in double precision
+    as torch's own step computes them; every parameter of a group steps together here."""
+
+    loop = staticmethod(_adam_loop)
+    scalar_count = 3
+
+    @staticmethod
+    def state(optimizer: Any, group: dict[str, Any]) -> list[Any] | None:
+        states = [optimizer.state.get(p) for p in group["params"]]
+        if any(not st or "exp_avg" not in st for st in states):
+            return None
+        steps = [st["step"] for st in states]
+        if len({float(t) for t in steps}) > 1:  # a parameter skipped a step (no gradient): unfused
+            return None
+        return [[st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], steps]
+
+    @staticmethod
+    def scalars(group: dict[str, Any], state: list[Any]) -> tuple[Any, ...]:
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        step = float(state[2][0]) + 1
+        bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
+        return lr / bias_correction1, bias_correction2**0.5, 1 - lr * group["weight_decay"]
+
+    @staticmethod
+    def loop_state(state: list[Any]) -> list[Any]:
+        return state[:2]  # the moments; the step counts are counted here (`stepped`)
+
+    @staticmethod
+    def constants(group: dict[str, Any]) -> tuple[Any, ...]:
+        beta1, beta2 = group["betas"]
+        return (float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                bool(group.get("decoupled_weight_decay", False)), bool(group["maximize"]))
+
+    @staticmethod
+    def stepped(state: list[Any]) -> None:
+        torch._foreach_add_(state[2], 1.0)
+
+
+_RULES: dict[type, Any] = {torch.optim.SGD: _SGD, torch.optim.Adam: _Adam, torch.optim.AdamW: _Adam}
 
 
 def check_fusable(optimizer: Any, stage_index: int) -> None:
     """One line if `optimizer` cannot be fused (the option asked for what it cannot give)."""
-    if type(optimizer) is not torch.optim.SGD:
+    if type(optimizer) not in _RULES:
         raise LayerpipeError(
-            f"fused_update supports torch.optim.SGD; stage {stage_index}'s optimizer is {type(optimizer).__name__} "
-            f"(a delay compensation wraps the optimizer: leave one of the two out)")
+            f"fused_update supports torch.optim.SGD, Adam and AdamW; stage {stage_index}'s optimizer is "
+            f"{type(optimizer).__name__} (a delay compensation wraps the optimizer: leave one of the two out)")
     for group in optimizer.param_groups:
-        if group.get("differentiable"):
-            raise LayerpipeError("fused_update: SGD with differentiable=True is not supported")
+        for option in ("differentiable", "amsgrad", "capturable"):
+            if group.get(option):
+                raise LayerpipeError(f"fused_update: {type(optimizer).__name__} with {option}=True is not supported")
 
 
 def fused_update_for(stage_index: int, optimizer: Any, strategy: WeightStrategy,
@@ -118,21 +219,21 @@ def fused_update_for(stage_index: int, optimizer: Any, strategy: WeightStrategy,
 
 
 class FusedUpdate:
-    """The fused update of one stage: its strategy's passes and its SGD step, per group."""
+    """The fused update of one stage: its strategy's passes and its optimizer's step, per group."""
 
-    def __init__(self, stage_index: int, optimizer: torch.optim.SGD, strategy: WeightStrategy,
+    def __init__(self, stage_index: int, optimizer: torch.optim.Optimizer, strategy: WeightStrategy,
                  owned: Sequence[torch.nn.Parameter]) -> None:
         check_fusable(optimizer, stage_index)
         self.stage_index = stage_index
         self.optimizer = optimizer
+        self.rule = _RULES[type(optimizer)]
         self.strategy = strategy
         self.owned = list(owned)
         where = {id(p): i for i, p in enumerate(self.owned)}
         #: per group: the indices of its parameters in `owned` (the strategy's order)
         self.groups: list[list[int]] = []
         for group in optimizer.param_groups:
-            missing = [p for p in group["params"] if id(p) not in where]
-            if missing:
+            if any(id(p) not in where for p in group["params"]):
                 raise LayerpipeError(f"fused_update: stage {stage_index}'s optimizer holds a parameter the stage "
                                      f"does not own")
             if len({p.dtype for p in group["params"]}) > 1:
@@ -142,45 +243,43 @@ class FusedUpdate:
         covered = {i for idx in self.groups for i in idx}
         #: strategy parameters no group steps: their passes run unfused
         self.unstepped = [i for i in range(len(self.owned)) if i not in covered]
-        self._loops = [_compiled_loop(f"fused_update_stage{stage_index}_group{g}") for g in range(len(self.groups))]
+        self._loops = [_compiled(self.rule.loop, f"fused_update_stage{stage_index}_group{g}")
+                       for g in range(len(self.groups))]
         self._warned = False
-        # the lr and the passes' weights enter the loop as 0-dim tensors, filled per update
-        # (lerp wants its weight in its tensors' dtype)
-        self._scalars = [tuple(torch.zeros((), dtype=self.owned[idx[0]].dtype) for _ in range(3)) if idx else ()
-                         for idx in self.groups]
-        self._momenta_cache: tuple[Any, list[list[Tensor] | None]] | None = None
+        # the passes' weights and the rule's scalars enter the loop as 0-dim tensors of the
+        # group's dtype (lerp wants that), filled per update: nothing recompiles when they change
+        self._scalars = [[torch.zeros((), dtype=self.owned[idx[0]].dtype) for _ in range(2 + self.rule.scalar_count)]
+                         if idx else [] for idx in self.groups]
+        self._state_cache: tuple[Any, list[list[Any] | None]] | None = None
         #: updates run fused so far (the others ran unfused: see `step`)
         self.fused_steps = 0
 
-    def _momenta(self) -> list[list[Tensor] | None] | None:
-        """Per group, SGD's momentum buffers (None for a group without momentum); None where a
-        buffer does not exist yet (its first step makes it, from the gradient itself). Looked up
-        again when the optimizer's state is another object (a loaded checkpoint's)."""
+    def _state(self) -> list[list[Any] | None] | None:
+        """Per group, the optimizer's state the loop updates; None where some of it does not
+        exist yet (the optimizer's first step makes it). Looked up again after an unfused step
+        or when the optimizer's state is another object (a loaded checkpoint's)."""
         state = self.optimizer.state
-        if self._momenta_cache is not None and self._momenta_cache[0] is state:
-            return self._momenta_cache[1]
-        momenta: list[list[Tensor] | None] = []
-        for group in self.optimizer.param_groups:
-            if group["momentum"] == 0:
-                momenta.append(None)
-                continue
-            bufs = [state[p].get("momentum_buffer") if p in state else None for p in group["params"]]
-            if any(b is None for b in bufs):
+        if self._state_cache is not None and self._state_cache[0] is state:
+            return self._state_cache[1]
+        per_group = []
+        for group, idx in zip(self.optimizer.param_groups, self.groups):
+            found = self.rule.state(self.optimizer, group) if idx else []
+            if found is None:
                 return None
-            momenta.append(bufs)
-        # SGD keeps each buffer for good once made; a loaded checkpoint brings a new state
-        self._momenta_cache = (state, momenta)
-        return momenta
+            per_group.append(found)
+        self._state_cache = (state, per_group)
+        return per_group
 
     def step(self) -> bool:
         """The strategy's update and the optimizer step, fused. False (nothing done): this
-        update cannot fuse (a parameter without a gradient, SGD's first step, a strategy that
-        states no passes); the caller runs it unfused."""
+        update cannot fuse (a parameter without a gradient, the optimizer's first step, a
+        strategy that states no passes); the caller runs it unfused."""
         grads = [p.grad for p in self.owned]
         if any(g is None for g in grads):
+            self._state_cache = None  # the unfused step may make state or skip parameters
             return False
-        all_momenta = self._momenta()
-        if all_momenta is None:
+        states = self._state()
+        if states is None:
             return False
         passes = self.strategy.update_passes()  # its bookkeeping is done from here on
         if passes is None:
@@ -188,13 +287,14 @@ class FusedUpdate:
                 log.warning("stage %d: the update of weights=%s is no pass over a buffer; it runs unfused",
                             self.stage_index, self.strategy.name)
                 self._warned = True
+            self._state_cache = None
             return False
         before, after = passes
         params = self.strategy.params
         with torch.no_grad():
-            for g, (group, idx, momenta) in enumerate(zip(self.optimizer.param_groups, self.groups, all_momenta)):
+            for g, (group, idx, state) in enumerate(zip(self.optimizer.param_groups, self.groups, states)):
                 if idx:
-                    self._run_group(g, group, idx, momenta, params, grads, before, after)
+                    self._run_group(g, group, idx, state, params, grads, before, after)
             if self.unstepped:  # nothing steps them: the passes alone
                 ws = [params[i] for i in self.unstepped]
                 run_pass(_subset(before, self.unstepped), ws)
@@ -204,31 +304,41 @@ class FusedUpdate:
         self.fused_steps += 1
         return True
 
-    def _run_group(self, g: int, group: dict[str, Any], idx: list[int], momenta: list[Tensor] | None,
+    def _run_group(self, g: int, group: dict[str, Any], idx: list[int], state: list[Any],
                    params: list[Tensor], grads: list[Tensor], before: BufferPass | None,
                    after: BufferPass | None) -> None:
         whole = len(idx) == len(params)  # the usual case: one group, the stage's order
         ps = params if whole else [params[i] for i in idx]
         gs = grads if whole else [grads[i] for i in idx]
-        b = None if before is None or not before.buffers else (before.buffers if whole else [before.buffers[i] for i in idx])
-        a = None if after is None or not after.buffers else (after.buffers if whole else [after.buffers[i] for i in idx])
-        lr, before_weight, after_weight = self._scalars[g]
-        if isinstance(group["lr"], Tensor):
-            lr = group["lr"]
-        else:
-            lr.fill_(group["lr"])
+        b = _buffers(before, idx, whole)
+        a = _buffers(after, idx, whole)
+        before_weight, after_weight, *scalars = self._scalars[g]
         if b is not None and before is not None and before.weight is not None:
             before_weight.fill_(before.weight)
         if a is not None and after is not None and after.weight is not None:
             after_weight.fill_(after.weight)
-        self._loops[g](ps, gs, momenta, b, a, lr, before_weight, after_weight,
-                       *(_group_option(group, k) for k in _GROUP_OPTIONS),
-                       before is not None and before.weight is None, after is not None and after.weight is None)
+        values = []
+        for tensor, value in zip(scalars, self.rule.scalars(group, state)):
+            if isinstance(value, Tensor):  # a learning rate kept as a tensor: as it is
+                values.append(value)
+            else:
+                tensor.fill_(value)
+                values.append(tensor)
+        try:
+            self._loops[g](ps, gs, b, a, before_weight, after_weight,
+                           before is not None and before.weight is None, after is not None and after.weight is None,
+                           *self.rule.loop_state(state), *values, *self.rule.constants(group))
+        except Exception as exc:  # torch.compile could not build the loop here (no C++ compiler, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise LayerpipeError(f"fused_update: stage {self.stage_index}'s compiled update failed "
+                                 f"({type(exc).__name__}: {first[:300]}); run without fused_update") from exc
+        self.rule.stepped(state)
 
 
-def _group_option(group: dict[str, Any], key: str) -> Any:
-    value = group[key]
-    return bool(value) if key in ("nesterov", "maximize") else float(value)
+def _buffers(p: BufferPass | None, idx: list[int], whole: bool) -> list[Tensor] | None:
+    if p is None or not p.buffers:
+        return None
+    return p.buffers if whole else [p.buffers[i] for i in idx]
 
 
 def _subset(p: BufferPass | None, idx: list[int]) -> BufferPass | None:

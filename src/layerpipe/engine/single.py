@@ -139,8 +139,9 @@ class Pipeline:
         fused_update: run each stage's update (the weight strategy's copy or lerps of its
             buffer and the optimizer step) as one loop per tensor compiled by torch.compile:
             every tensor read once per update instead of once per pass (`engine.fused`).
-            torch.optim.SGD only, without `compensation`; needs a C++ compiler on a CPU, and
-            each stage's first update compiles (seconds).
+            torch.optim.SGD, Adam or AdamW, without `compensation`; stages under 1 MiB of
+            parameters stay unfused (a compiled call's fixed cost); needs a C++ compiler on a
+            CPU, and each stage's first update compiles (seconds).
     """
 
     def __init__(

@@ -128,7 +128,7 @@ class Stage:
     `autocast` ((device type, dtype): each forward and the loss run under `torch.autocast`),
     `clip_grad_norm` (clip the stage's gradient to this norm before each step),
     `lr_scheduler` (factory called with the stage's optimizer; stepped after every update) and
-    `fused_update` (the strategy's passes and an SGD step in one compiled loop per tensor:
+    `fused_update` (the strategy's passes and the optimizer step in one compiled loop per tensor:
     `engine.fused`).
     """
 

@@ -119,7 +119,7 @@ class TrainConfig:
     #: None: the model's recipe; [] none
     compensation: list[str] | None = None
     #: each stage's update (the weight strategy's passes and the SGD step) as one compiled
-    #: loop per tensor (`layerpipe.engine.fused`); SGD without compensation only
+    #: loop per tensor (`layerpipe.engine.fused`); without compensation only
     fused_update: bool = False
 
     def __post_init__(self) -> None:
@@ -146,9 +146,9 @@ class TrainConfig:
         if not self.lr or not self.lr > 0 or self.lr == float("inf"):
             raise LayerpipeError(f"--lr must be a positive number, got {self.lr}")
         parse_stages(self.stages)
-        if self.fused_update and (self.optimizer != "sgd" or self.compensation):
-            raise LayerpipeError(f"--fused-update fuses an SGD step; this run has --optimizer {self.optimizer}"
-                                 + (f" and --compensation {','.join(self.compensation)}" if self.compensation else ""))
+        if self.fused_update and self.compensation:
+            raise LayerpipeError(f"--fused-update fuses the optimizer's own step; --compensation "
+                                 f"{','.join(self.compensation)} wraps it (give --compensation none)")
         from layerpipe.training.validate import check_config
 
         check_config(self)

@@ -143,6 +143,8 @@ def run_engine(cfg: dict) -> dict:
     epoch(cfg["warmup"])
     clock = Clock()
     epoch(n)
+    if fused(cfg) and any(s.fused is not None and s.fused.fused_steps < n for s in pipe.stages):
+        raise RuntimeError(f"{cfg['weights']}: a stage's updates did not fuse")
     return clock.result(n * b)
 
 
@@ -171,6 +173,8 @@ def run_distributed(cfg: dict) -> dict | None:
     clock = Clock()
     worker.run_epoch(x, y, order)  # stage 0 applies the epoch's last gradient: it ends last
     result = clock.result(n * b)
+    if fused(cfg) and worker.stage.fused is not None and worker.stage.fused.fused_steps < n:
+        raise RuntimeError(f"{cfg['weights']}: the stage's updates did not fuse ({worker.stage.fused.fused_steps})")
     comm.close()
     return result
 
@@ -492,10 +496,10 @@ def render(args, rows, samples, strategies) -> str:
         for f in ("", "+fused"):
             if f"c-ema{f}{t}" in med and f"c-stash{f}{t}" in med:
                 r = med[f"c-ema{f}{t}"] / med[f"c-stash{f}{t}"]
-                lines.append(f"- (c) ema{f} / (c) stash{f} = {r:.2f}x ({'met' if r >= TARGET_EMA else 'NOT met'})")
+                lines.append(f"- (c) ema{f} / (c) stash{f} = {r:.3f}x ({'met' if r >= TARGET_EMA else 'NOT met'})")
         if f"c-ema+fused{t}" in med and f"c-stash{t}" in med:
             r = med[f"c-ema+fused{t}"] / med[f"c-stash{t}"]
-            lines.append(f"- (c) ema+fused / (c) stash = {r:.2f}x ({'met' if r >= TARGET_EMA else 'NOT met'})")
+            lines.append(f"- (c) ema+fused / (c) stash = {r:.3f}x ({'met' if r >= TARGET_EMA else 'NOT met'})")
     return "\n".join(lines) + "\n"
 
 

@@ -26,6 +26,8 @@ before it (exact). Under gradient accumulation (one update every A ticks) d_k co
 ceil(d_ticks / A) (the engine builds the strategy so), and a tick that only adds a gradient is
 no update: at most one update between a forward and its backward makes the rebuild exact. 16-bit weights with alpha < 1 (E would round small updates away) keep u
 itself and rebuild into new tensors.
+The two passes are `BufferPass`es (`update_passes`), so a fused update (`engine.fused`) runs
+them and the optimizer step in one loop per tensor: the buffer and the weights read once.
 """
 from __future__ import annotations
 

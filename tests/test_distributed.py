@@ -6,6 +6,7 @@ Run as a script, this file is the worker the tests launch (`python test_distribu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -61,8 +62,10 @@ def single_reference(case: dict) -> dict:
 def _single_reference(case, Pipeline, epoch_order, evaluate) -> dict:
 
     model, data = make_model(case["model"]), make_data(n=case.get("n", 58))
-    pipe = Pipeline(model, stages=case["stages"], weights=case["weights"], optimizer=OPTIMIZERS[case["opt"]],
-                    loss_fn=F.cross_entropy, schedule=case["schedule"], compensation=case.get("comp"))
+    with fuse_small_stages(case.get("fused", False)):
+        pipe = Pipeline(model, stages=case["stages"], weights=case["weights"], optimizer=OPTIMIZERS[case["opt"]],
+                        loss_fn=F.cross_entropy, schedule=case["schedule"], compensation=case.get("comp"),
+                        fused_update=case.get("fused", False))
     losses = []
     for epoch in range(case["epochs"]):
         for idx in epoch_order(len(data.x_train), case["batch"], 0, epoch):
@@ -72,6 +75,19 @@ def _single_reference(case, Pipeline, epoch_order, evaluate) -> dict:
     test_loss, test_acc = evaluate(model, data.x_test, data.y_test, F.cross_entropy)
     return {"state": model.state_dict(), "losses": losses, "test": (test_loss, test_acc), "tick": pipe.tick,
             "stages": pipe.stage_sizes, "delays": pipe.delays}
+
+
+@contextlib.contextmanager
+def fuse_small_stages(on: bool):
+    """`fused_update` on these small models: their stages are under its 1 MiB floor."""
+    import layerpipe.engine.fused as fused
+
+    floor = fused.MIN_FUSED_BYTES
+    fused.MIN_FUSED_BYTES = 0 if on else floor
+    try:
+        yield
+    finally:
+        fused.MIN_FUSED_BYTES = floor
 
 
 # -- worker side ---------------------------------------------------------------------------------------
@@ -90,9 +106,10 @@ def worker_cases(spec: dict) -> None:
     for c, case in enumerate(spec["cases"]):
         model, data = make_model(case["model"]), make_data(n=case.get("n", 58))
         strategy, schedule = resolve_strategy(case["weights"], case["schedule"])
-        worker = StageWorker(comm, model, sequential_spec(model, case["stages"], schedule), weights=strategy,
-                             optimizer=OPTIMIZERS[case["opt"]], loss_fn=F.cross_entropy, sample=data.x_train[:2],
-                             compensation=case.get("comp"))
+        with fuse_small_stages(case.get("fused", False)):
+            worker = StageWorker(comm, model, sequential_spec(model, case["stages"], schedule), weights=strategy,
+                                 optimizer=OPTIMIZERS[case["opt"]], loss_fn=F.cross_entropy, sample=data.x_train[:2],
+                                 compensation=case.get("comp"), fused_update=case.get("fused", False))
         losses = []
         for epoch in range(case["epochs"]):
             order = epoch_order(len(data.x_train), case["batch"] * dp, 0, epoch)  # global microbatches
@@ -101,7 +118,8 @@ def worker_cases(spec: dict) -> None:
         stats = worker.epoch_stats([], test)
         torch.save({"state": worker.module.state_dict(), "losses": losses, "test": test, "tick": worker.tick,
                     "stats": vars(stats) if stats else None, "stages": worker.stage_sizes, "delays": worker.delays,
-                    "loss_weights": worker.loss_weights, "history": worker.stage.state_dict()["strategy"]},
+                    "loss_weights": worker.loss_weights, "history": worker.stage.state_dict()["strategy"],
+                    "fused_steps": worker.stage.fused.fused_steps if worker.stage.fused is not None else 0},
                    out / f"case{c}-rank{comm.rank}.pt")
     comm.close()
 
@@ -159,9 +177,9 @@ def assert_close_states(got: dict, want: dict, rtol: float = 1e-5, what: str = "
         assert (a - b).abs().max() / scale <= rtol, f"{what} {name}: relative difference {(a - b).abs().max() / scale:.2e}"
 
 
-def case(stages, weights, schedule="layerpipe", model="mlp", opt="sgd", epochs=2, batch=8, comp=None):
+def case(stages, weights, schedule="layerpipe", model="mlp", opt="sgd", epochs=2, batch=8, comp=None, fused=False):
     return dict(stages=stages, weights=weights, schedule=schedule, model=model, opt=opt, epochs=epochs, batch=batch,
-                comp=comp)
+                comp=comp, fused=fused)
 
 
 # the transformer recipe's compensation (Muon with less momentum on delayed stages, PipeMare),
@@ -173,7 +191,8 @@ RECIPE_COMP = ["muon:lr=0.02,delayed_momentum=depth", "pipemare:anneal=20,warmup
 CASES = {
     2: [case(2, "stash"), case(2, "ema", opt="adam"), case(2, "sync"), case(2, "ema", "pipedream", model="bn"),
         case(2, "latest", batch=5), case(2, "ema", "pipedream", comp=RECIPE_COMP),
-        case(2, "stash", "pipedream", comp=["accumulate:every=2"])],
+        case(2, "stash", "pipedream", comp=["accumulate:every=2"]), case(2, "ema", fused=True),
+        case(2, "stash", opt="adam", fused=True)],
     3: [case(3, "stash", model="bn"), case(3, "ema"), case([2, 3, 2], "sync", opt="adam"),
         case(3, "stash", "pipedream", epochs=1), case(3, "stash", "pipedream", comp=RECIPE_COMP, epochs=1)],
     4: [case(4, "stash"), case(4, "ema", model="bn"), case([2, 2, 2, 1], "weight-ema", "pipedream", epochs=1)],
@@ -195,6 +214,8 @@ def test_distributed_equals_single_process(nproc, tmp_path):
         assert last["test"][0] == pytest.approx(ref["test"][0], rel=1e-5)
         assert first["stats"]["test_accuracy"] == ref["test"][1]
         assert first["tick"] == ref["tick"] and first["stages"] == ref["stages"] and first["delays"] == ref["delays"]
+        if cs["fused"]:  # every stage's updates fused but the optimizer's first
+            assert all(torch.load(tmp_path / f"case{c}-rank{r}.pt")["fused_steps"] > 3 for r in range(nproc))
 
 
 # -- failures: every process ends in bounded time, and the line names the stage --------------------------

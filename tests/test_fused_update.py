@@ -233,3 +233,15 @@ def test_a_loop_that_cannot_compile_ends_in_one_line(monkeypatch):
                                              r"fused_update$"):
         for x, y in make_batches(n=12):
             pipe.step(x, y)
+
+
+def test_a_pipeline_where_nothing_fuses_says_so(monkeypatch, caplog):
+    import layerpipe.engine.fused as fused
+
+    monkeypatch.setattr(fused, "MIN_FUSED_BYTES", 2**20)
+    with caplog.at_level(logging.WARNING, logger="layerpipe.engine.build"):
+        pipe = Pipeline(make_model(), stages=[2, 3, 2], weights="ema", optimizer=SGD, fused_update=True)
+    assert all(s.fused is None for s in pipe.stages)
+    assert [r.getMessage() for r in caplog.records] == [
+        "fused_update: every stage holds under 1 MiB of parameters; the updates stay unfused (a compiled call "
+        "would cost more than it saves)"]

@@ -8,6 +8,7 @@ the distributed runtime its own), so a stage is the same object wherever it runs
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,10 +17,13 @@ from torch import nn
 
 from layerpipe.compensate import attach_stage, build_optimizer
 from layerpipe.compensate.muon import mark_io_matrices
+from layerpipe.engine import fused
 from layerpipe.engine.saved import TiedGrads
 from layerpipe.engine.stage import LossFn, OptimizerFactory, SchedulerFactory, Stage
 from layerpipe.plan import PipelineSpec
 from layerpipe.weights import make_strategy
+
+log = logging.getLogger(__name__)
 
 
 def build_stages(
@@ -69,6 +73,10 @@ def build_stages(
         for stage in stages:
             if stage.optimizer is not None:
                 attach_stage(stage)
+    if fused_update and stages and all(s.fused is None for s in stages if s.optimizer is not None):
+        log.warning("fused_update: %s under %.0f MiB of parameters; the updates stay unfused (a compiled "
+                    "call would cost more than it saves)", "the stage holds" if only is not None else "every stage holds",
+                    fused.MIN_FUSED_BYTES / 2**20)
     if tied and only is None:
         grads = TiedGrads()
         owners = {i: stages[ks[0]] for i, ks in tied.items()}

@@ -2,7 +2,7 @@
 # One device call (a machine with one CUDA GPU and >= 16 cores), everything it measures under $OUT:
 #   1. benchmarks/gpu_check.py part 1 alone on the GPU: ResNet-18 at 8 stages, fp32 and bf16
 #      autocast, time per tick and peak memory per weight strategy (clean timings: nothing else
-#      on the GPU; the CPU job of step 3 runs on other cores);
+#      on the GPU; the CPU job of step 3 runs on other cores); then with the fused update;
 #   2. then the transformer (its default recipe) on the GPU, longer than this 2-core machine can:
 #      4 stages and 8 stages (n_layer=6), sync / stash / ema, runs in parallel processes;
 #   3. meanwhile on cores 6-15: `layerpipe compare` runs of the transformer on the CPU (CPU_JOB below).
@@ -12,7 +12,7 @@ OUT=${OUT:?set OUT to a folder}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 pin() { if command -v taskset >/dev/null; then taskset -c "$@"; else shift; "$@"; fi; }
-mkdir -p "$OUT/resnet" "$OUT/gpt4" "$OUT/gpt8" /tmp/logs /tmp/cpu
+mkdir -p "$OUT/resnet" "$OUT/resnet-fused" "$OUT/gpt4" "$OUT/gpt8" /tmp/logs /tmp/cpu
 nvidia-smi -L > /tmp/logs/machine.txt 2>&1; nproc >> /tmp/logs/machine.txt
 # CPU_JOB=gpt8 (default): the 8-stage compare; anneal: PipeMare's anneal length at 4 stages;
 # lr: the pipelined run's learning rate at 4 stages (with sync and the default as controls)
@@ -34,6 +34,9 @@ lr) cpu_compare lr-default --stages 4 --weights sync,ema --samples 4000 --epochs
     done ;;
 esac
 pin 0-5 timeout 150 $PY benchmarks/gpu_check.py --out "$OUT/resnet" --parts resnet,resnet-bf16 > /tmp/logs/resnet.log 2>&1
+# the fused update (its triton kernels compile in each run's warm-up: a longer limit of its own)
+pin 0-5 timeout 200 $PY benchmarks/gpu_check.py --out "$OUT/resnet-fused" --parts resnet-fused \
+    > /tmp/logs/resnet-fused.log 2>&1
 # GPT_LR: learning rates of the GPU transformer runs (default: the recipe's); GPT_WEIGHTS: strategies
 pin 0-5 timeout 240 $PY benchmarks/gpu_check.py --out "$OUT/gpt4" --parts gpt --gpt-jobs 3 --gpt-lr "${GPT_LR:-}" \
     --gpt-weights "${GPT_WEIGHTS:-sync,stash,ema}" --gpt-samples 12000 --gpt-epochs 2 > /tmp/logs/gpt4.log 2>&1 &

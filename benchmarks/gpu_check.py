@@ -9,7 +9,10 @@ filling the pipeline) and peak GPU memory (`torch.cuda.max_memory_allocated`, re
 each strategy's model is built) for sync, stash, ema and latest, measured one after another
 in this process, with the bytes of weight history each strategy holds.
 
-Part 1 again under bf16 autocast (`mixed_precision="bf16"`) for sync, stash and ema.
+Part 1 again under bf16 autocast (`mixed_precision="bf16"`) for sync, stash and ema, and with
+the fused update (`fused_update=True`: each stage's update one compiled loop per tensor; on a
+GPU torch.compile writes triton kernels, compiled in the warm-up) for sync, stash and ema
+(`--parts resnet-fused`).
 
 Part 2: the byte-level transformer (`--model gpt`, its recipe: Muon + PipeMare
 compensation, per-microbatch cosine, the 1F1B timing) on this Python's standard-library
@@ -61,8 +64,9 @@ def peak_bytes(device: torch.device) -> int | None:
 
 
 def resnet_tick_times(weights: str, device: str, stages: int, batch: int, ticks: int,
-                      precision: str | None = None) -> dict[str, Any]:
-    """Time per tick and peak memory of ResNet-18 under one weight strategy (and autocast)."""
+                      precision: str | None = None, fused: bool = False) -> dict[str, Any]:
+    """Time per tick and peak memory of ResNet-18 under one weight strategy (and autocast, or
+    the fused update)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -70,7 +74,7 @@ def resnet_tick_times(weights: str, device: str, stages: int, batch: int, ticks:
     torch.manual_seed(0)
     model = build_model("resnet18").to(device)
     pipe = Pipeline(model, stages=stages, weights=weights, loss_fn=F.cross_entropy, mixed_precision=precision,
-                    optimizer=lambda ps: torch.optim.SGD(ps, lr=0.005, momentum=0.9))
+                    optimizer=lambda ps: torch.optim.SGD(ps, lr=0.005, momentum=0.9), fused_update=fused)
     g = torch.Generator(device="cpu").manual_seed(1)
     data = [(torch.randn(batch, 3, 32, 32, generator=g).to(device), torch.randint(0, 100, (batch,), generator=g).to(device))
             for _ in range(4)]
@@ -84,8 +88,13 @@ def resnet_tick_times(weights: str, device: str, stages: int, batch: int, ticks:
             pipe.step(*data[i % 4])
         synchronize(device)
         windows.append((time.perf_counter() - start) / ticks)
+    fused_stages = sum(1 for s in pipe.stages if s.fused is not None and s.fused.fused_steps > 0)
+    if fused and fused_stages == 0:
+        raise RuntimeError("fused_update: no stage's update fused")
+    label = weights if precision is None else f"{weights} + {precision}"
     return {
-        "weights": weights if precision is None else f"{weights} + {precision}",
+        "weights": f"{label} + fused update ({fused_stages} of {pipe.num_stages} stages)" if fused else label,
+        "strategy": weights, "variant": "fused" if fused else (precision or ""),
         "stages": pipe.stage_sizes,
         "delays": pipe.delays,
         "seconds_per_tick": statistics.median(windows),
@@ -151,13 +160,15 @@ def markdown(report: dict[str, Any]) -> str:
              f"date {env['date']}; commit {env['commit']}", ""]
     rows = report.get("resnet18", [])
     if rows:
-        sync = next((r for r in rows if r["weights"] == "sync"), None)
+        # each row against sync in the same variant (fp32, bf16 autocast, fused update)
+        syncs = {r.get("variant", ""): r for r in rows if r.get("strategy", r["weights"]) == "sync"}
         piped = max(rows, key=lambda r: sum(r["delays"]))  # delays as pipelined (sync's are all zero)
         lines += ["## ResNet-18 (CIFAR form), random 32x32 data, batch "
                   f"{report['args']['resnet_batch']}, stages {piped['stages']}, delays {piped['delays']}", "",
-                  "| weights | ms / tick | x sync | peak memory (MiB) | x sync | weight history / \\|W\\| |",
+                  "| weights | ms / tick | x sync (same variant) | peak memory (MiB) | x sync | weight history / \\|W\\| |",
                   "|---|---|---|---|---|---|"]
         for r in rows:
+            sync = syncs.get(r.get("variant", ""), syncs.get(""))
             t_ratio = r["seconds_per_tick"] / sync["seconds_per_tick"] if sync else float("nan")
             peak = r["peak_memory_bytes"]
             m_ratio = peak / sync["peak_memory_bytes"] if sync and peak and sync["peak_memory_bytes"] else float("nan")
@@ -196,7 +207,8 @@ def main() -> int:
     p.add_argument("--gpt-weights", default="sync,stash,ema", help="weight strategies of the transformer runs")
     p.add_argument("--gpt-lr", default="", help="comma-separated learning rates (default: the recipe's)")
     p.add_argument("--gpt-jobs", type=int, default=1, help="transformer runs at a time, each its own process")
-    p.add_argument("--parts", default="resnet,resnet-bf16,gpt", help="which parts to run, comma-separated")
+    p.add_argument("--parts", default="resnet,resnet-bf16,resnet-fused,gpt",
+                   help="which parts to run, comma-separated (resnet, resnet-bf16, resnet-fused, gpt)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the script itself")
     args = p.parse_args()
     if args.quick:
@@ -216,6 +228,9 @@ def main() -> int:
     resnet_runs += [dict(weights=w, device=str(device), stages=8, batch=args.resnet_batch, ticks=args.ticks,
                          precision="bf16")  # bf16 autocast: the strategies stay exact (issue 13)
                     for w in ("sync", "stash", "ema") if "resnet-bf16" in parts]
+    resnet_runs += [dict(weights=w, device=str(device), stages=8, batch=args.resnet_batch, ticks=args.ticks,
+                         fused=True)  # the fused update (issue 15): sync's too, so each keeps its best update
+                    for w in ("sync", "stash", "ema") if "resnet-fused" in parts]
     run_in_processes("resnet18", resnet_tick_times, resnet_runs, 1, report, out)  # one at a time: clean timings
     if "gpt" in parts:
         runs = [dict(weights=w, device=str(device), samples=args.gpt_samples, epochs=args.gpt_epochs,

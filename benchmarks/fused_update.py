@@ -30,7 +30,8 @@ from layerpipe.weights import make_strategy
 
 
 def stage(mib: float, strategy: str, fused: bool, torch_fused: bool = False):
-    """(update function, weights) of one stage after a few updates (momentum buffers made)."""
+    """One stage's (update, release, fused update or None): `update` runs one update as the
+    engine does, `release` ends the backward of the version it saved (stash)."""
     n = int((mib * 2**20 / 16) ** 0.5)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n, n) * 0.01) for _ in range(4)]

@@ -50,6 +50,56 @@ def test_backward_weights_of_the_current_version_are_the_live_weights(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_update_passes_do_what_the_update_hooks_do(name):
+    """A fused update runs `update_passes()` around the step instead of the hooks: the
+    backward weights of every version in flight must come out the same, bit for bit. A
+    strategy that states no passes (None) must have done nothing: the hooks then run."""
+    from layerpipe.weights.base import run_pass
+
+    g = torch.Generator().manual_seed(0)
+    start, grads = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(6, 4, 3, generator=g)
+    runs = []
+    for passes in (False, True):
+        p = start.clone()
+        opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+        s = make_strategy(name, [p], delay=3, optimizer=opt)
+        versions = []
+        for t in range(6):
+            versions.append(s.record_forward())
+            if t >= 3:
+                s.release(versions[t - 3])
+            p.grad = grads[t].double()
+            version = s.version
+            stated = s.update_passes() if passes else None
+            assert s.version == (version if stated is None else version + 1)
+            if stated is None:
+                s.before_update()
+            else:
+                run_pass(stated[0], s.params)
+            opt.step()
+            if stated is None:
+                s.after_update()
+            else:
+                run_pass(stated[1], s.params)
+        runs.append([s.backward_weights(v)[0].clone() for v in versions[3:]] + [p.clone()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_a_strategy_that_changes_a_hook_does_not_inherit_its_parents_passes():
+    from layerpipe.weights.stash import Stash
+
+    class Counting(Stash):  # a hook with work of its own that no pass states
+        def after_update(self) -> None:
+            super().after_update()
+            self.counted = getattr(self, "counted", 0) + 1
+
+    p = torch.randn(3)
+    assert Counting([p], 2, None).update_passes() is None
+    assert Stash([p], 2, None).update_passes() == (None, None)  # nothing pending: no copy
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_trains_through_the_pipeline_and_counts_its_memory_honestly(name):
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]

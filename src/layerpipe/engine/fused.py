@@ -11,7 +11,7 @@ every element is loaded once (`benchmarks/fused_update.py` measures it).
 What fuses: `torch.optim.SGD` (momentum, dampening, Nesterov, weight decay, maximize) and
 `torch.optim.Adam` / `AdamW` (weight decay coupled or decoupled, maximize; not amsgrad), every
 parameter group, with the passes a strategy states as data (`WeightStrategy.update_passes`:
-`latest`, `stash`, `ema`). Another optimizer (a delay compensation's wrapper included) is
+`stash`, `ema`; none for `latest` and `momentum`, whose hooks only count versions). Another optimizer (a delay compensation's wrapper included) is
 refused when the stage is built, in one line. The learning rate, Adam's bias corrections and
 the passes' weights enter the loop as 0-dim tensors, so a learning-rate schedule or ema's bias
 correction never recompiles; a group's other options are constants of the loop.
@@ -19,8 +19,8 @@ correction never recompiles; a group's other options are constants of the loop.
 Same arithmetic, unfused (eager torch ops, as without the option): the optimizer's first step
 (it makes its state: SGD's momentum starts as the gradient), a step in which a parameter has
 no gradient (and Adam's steps after it, while its parameters' step counts differ), and
-a strategy whose update is no pass over a buffer (`ema` on 16-bit weights, the estimators kept
-for comparison: logged once). Numbers agree with the eager update to float rounding (the
+a strategy whose update is no pass over a buffer (`ema` on 16-bit weights, `weight-ema`,
+`extrapolate`, `probe`: logged once). Numbers agree with the eager update to float rounding (the
 compiled loop may contract a multiply and an add).
 
 A call of the compiled loop costs a fixed ~0.03-0.05 ms on this project's CPU (torch.compile's

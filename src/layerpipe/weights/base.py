@@ -95,8 +95,19 @@ class WeightStrategy:
         """For a fused update: do the bookkeeping of `before_update` and `after_update` now,
         and return their work on buffers as (before the step, after it) instead of running
         it; the caller runs the passes and the step, in that order. None (nothing done): the
-        strategy cannot say so, and the caller calls the pair around the step."""
-        return None
+        strategy cannot say so, and the caller calls the pair around the step. Here: the base
+        hooks' work, no pass (a subclass that changes a hook states its own, or gets None:
+        `__init_subclass__`)."""
+        self.after_update()
+        return None, None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # a class that changes an update hook without restating its passes must not inherit
+        # its parent's: they would skip the new hook's work. It keeps the unfused update.
+        own = vars(cls)
+        if ("before_update" in own or "after_update" in own) and "update_passes" not in own:
+            cls.update_passes = _no_passes  # type: ignore[method-assign]
 
     def skip_update(self) -> None:
         """Called instead of the pair above on a tick whose optimizer step leaves the weights
@@ -117,3 +128,8 @@ class WeightStrategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.version = int(state["version"])
+
+
+def _no_passes(self: WeightStrategy) -> None:
+    """`update_passes` of a strategy whose hooks are no passes over a buffer."""
+    return None

@@ -5,7 +5,7 @@ forward, backward and update of a microbatch in one tick, so nothing is ever sta
 """
 from __future__ import annotations
 
-from layerpipe.weights.base import BufferPass, WeightStrategy
+from layerpipe.weights.base import WeightStrategy
 from layerpipe.weights.registry import register_strategy
 
 
@@ -15,7 +15,3 @@ class Latest(WeightStrategy):
 
     name = "latest"
     live_backward = True
-
-    def update_passes(self) -> tuple[BufferPass | None, BufferPass | None]:
-        self.after_update()
-        return None, None

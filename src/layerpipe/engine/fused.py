@@ -23,8 +23,9 @@ a strategy whose update is no pass over a buffer (`ema` on 16-bit weights, `weig
 `extrapolate`, `probe`: logged once). Numbers agree with the eager update to float rounding (the
 compiled loop may contract a multiply and an add).
 
-A call of the compiled loop costs a fixed ~0.03-0.05 ms on this project's CPU (torch.compile's
-guards and wrappers), more than the memory traffic it saves on a small stage: stages whose
+A fused update costs a fixed 0.07-0.09 ms on this project's CPU whatever the stage's size
+(torch.compile's guards and wrappers, the strategy's bookkeeping; `benchmarks/fused_update.py`'s
+last line), more than the memory traffic it saves on a small stage: stages whose
 parameters hold less than `MIN_FUSED_BYTES` (1 MiB) keep the unfused update (logged once per
 stage). `benchmarks/fused_update.py` measures both by stage size.
 

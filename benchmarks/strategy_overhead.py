@@ -232,11 +232,17 @@ def main() -> int:
                    help="every pipeline with fused_update=True, plain with torch's fused SGD (see above)")
     p.add_argument("--out", default=None, help="also write the report to this Markdown file")
     args = p.parse_args()
+    unknown = set(args.strategies.split(",")) - set(STRATEGIES)
+    if unknown:
+        p.error(f"unknown --strategies {', '.join(sorted(unknown))} (choose from {', '.join(STRATEGIES)})")
     strategies = tuple(w for w in STRATEGIES if w in {"plain", "sync", *args.strategies.split(",")})
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()
     clock = CLOCKS[args.clock]
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        p.error(f"unknown --models {', '.join(sorted(unknown))} (choose from {', '.join(MODELS)})")
     models = {n: m for n, m in MODELS.items() if n in args.models.split(",")}
     lines = [
         "# Weight-strategy overhead: time per tick vs sync (and plain PyTorch), weight history vs |W|",

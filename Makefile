@@ -19,7 +19,7 @@ setup: $(STAMP)
 train: $(STAMP)
 	$(BIN)/layerpipe train
 
-## The test suite (slow and distributed tests included; 714 tests, about 7 minutes on 2 cores).
+## The test suite (slow and distributed tests included; 722 tests, about 8 minutes on 2 cores).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
